@@ -1,0 +1,259 @@
+"""The Gaussian forward process and its posteriors, in terms of log-SNR.
+
+Every level is given by its log signal-to-noise ratio lambda = log(alpha^2 /
+sigma^2) with alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda) (variance
+preserving). A discrete schedule supplies ``schedule.log_snr[t]``, a
+continuous one ``log_snr_fn(t)``; the same functions then serve DDPM (s = t-1),
+strided samplers (DDIM, respacing) and continuous time (Kingma et al. 2021, App. A).
+
+Quantities that would cancel in float32 (1 - alpha_{t|s}^2, the posterior
+variance) are written with expm1 of a log-SNR difference.
+
+Level arrays (``log_snr``) are either scalars or have shape [B] for a batch
+x of shape [B, ...]; they broadcast over the remaining axes of x.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PARAMETERIZATIONS = ("eps", "x0", "v", "score")
+
+
+def _bcast(a, x):
+    """Reshape a level array of shape [B] (or []) to broadcast against x of shape [B, ...]."""
+    a = jnp.asarray(a)
+    if a.ndim > x.ndim or x.shape[: a.ndim] != a.shape:
+        raise ValueError(f"level array of shape {a.shape} does not match the leading axes of x {x.shape}")
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def _check_same_shape(**arrays):
+    shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"arrays must have the same shape, got {shapes}")
+
+
+def alpha_sigma(log_snr):
+    """(alpha, sigma) with alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+    return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
+
+
+# ---------------------------------------------------------------------------
+# Forward process.
+# ---------------------------------------------------------------------------
+
+
+def q_xt_given_x0(x0, log_snr_t):
+    """q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) (Ho et al. eq. 4). Returns (mean, variance)."""
+    lam = _bcast(log_snr_t, x0)
+    alpha, _ = alpha_sigma(lam)
+    return alpha * x0, jnp.broadcast_to(jax.nn.sigmoid(-lam), x0.shape)
+
+
+def sample_q_xt_given_x0(key, x0, log_snr_t, eps=None):
+    """x_t = alpha_t x_0 + sigma_t eps. Returns (x_t, eps); eps is drawn from key unless given."""
+    if eps is None:
+        eps = jax.random.normal(key, x0.shape, x0.dtype)
+    _check_same_shape(x0=x0, eps=eps)
+    alpha, sigma = alpha_sigma(_bcast(log_snr_t, x0))
+    return alpha * x0 + sigma * eps, eps
+
+
+def transition_coefficients(log_snr_s, log_snr_t):
+    """alpha_{t|s} and sigma_{t|s}^2 of q(x_t | x_s), s < t (Kingma et al. 2021, eq. 33):
+
+    alpha_{t|s} = alpha_t / alpha_s,
+    sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 = -sigma_t^2 expm1(lambda_t - lambda_s).
+    """
+    alpha_s, _ = alpha_sigma(log_snr_s)
+    alpha_t, _ = alpha_sigma(log_snr_t)
+    var = -jax.nn.sigmoid(-log_snr_t) * jnp.expm1(log_snr_t - log_snr_s)
+    return alpha_t / alpha_s, var
+
+
+def q_xt_given_xs(x_s, log_snr_s, log_snr_t):
+    """q(x_t | x_s) for s < t; q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) is its
+    case s = t - 1 (Ho et al. eq. 2). Returns (mean, variance)."""
+    a, var = transition_coefficients(_bcast(log_snr_s, x_s), _bcast(log_snr_t, x_s))
+    return a * x_s, jnp.broadcast_to(var, x_s.shape)
+
+
+def sample_q_xt_given_xs(key, x_s, log_snr_s, log_snr_t):
+    """One forward step x_t ~ q(x_t | x_s)."""
+    mean, var = q_xt_given_xs(x_s, log_snr_s, log_snr_t)
+    return mean + jnp.sqrt(var) * jax.random.normal(key, x_s.shape, x_s.dtype)
+
+
+def forward_chain(key, x0, log_snr):
+    """The whole chain x_0, x_1, ..., x_T by T successive q(x_t | x_{t-1}) steps in one lax.scan.
+
+    ``log_snr`` is a discrete table of length T + 1 (index 0 = data). Returns an
+    array of shape [T + 1, *x0.shape] whose index is the paper's t.
+    """
+    keys = jax.random.split(key, log_snr.shape[0] - 1)
+
+    def step(x_prev, inputs):
+        k, lam_prev, lam = inputs
+        x = sample_q_xt_given_xs(k, x_prev, lam_prev, lam)
+        return x, x
+
+    _, xs = jax.lax.scan(step, x0, (keys, log_snr[:-1], log_snr[1:]))
+    return jnp.concatenate([x0[None], xs], axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Posterior q(x_s | x_t, x_0), s < t.
+# ---------------------------------------------------------------------------
+
+
+def q_posterior(x0, x_t, log_snr_s, log_snr_t):
+    """q(x_s | x_t, x_0) = N(mu, sigma^2 I) for any s < t (Kingma et al. 2021, eqs. 31-32;
+    Ho et al. eqs. 6-7 for s = t - 1):
+
+    mu      = e^{lambda_t - lambda_s} (alpha_s / alpha_t) x_t + alpha_s (-expm1(lambda_t - lambda_s)) x_0,
+    sigma^2 = sigma_s^2 (-expm1(lambda_t - lambda_s)).
+
+    Returns (mean, variance, log_variance). With lambda_s = +inf (s = 0, data)
+    the posterior is the point mass at x_0: mean x_0, variance 0.
+    """
+    _check_same_shape(x0=x0, x_t=x_t)
+    lam_s, lam_t = _bcast(log_snr_s, x_t), _bcast(log_snr_t, x_t)
+    alpha_s, _ = alpha_sigma(lam_s)
+    alpha_t, _ = alpha_sigma(lam_t)
+    one_minus_ratio = -jnp.expm1(lam_t - lam_s)          # 1 - SNR(t)/SNR(s), in [0, 1]
+    mean = jnp.exp(lam_t - lam_s) * (alpha_s / alpha_t) * x_t + alpha_s * one_minus_ratio * x0
+    log_var = jax.nn.log_sigmoid(-lam_s) + jnp.log(one_minus_ratio)
+    return mean, jnp.broadcast_to(jnp.exp(log_var), x_t.shape), jnp.broadcast_to(log_var, x_t.shape)
+
+
+# ---------------------------------------------------------------------------
+# Parameterizations: the network predicts eps, x0, v or the score.
+# ---------------------------------------------------------------------------
+
+
+def check_parameterization(name: str) -> None:
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {name!r}")
+
+
+def x0_eps_from_output(output, x_t, log_snr_t, parameterization: str):
+    """(x0_hat, eps_hat) from a network output in the given parameterization.
+
+    With x_t = alpha x_0 + sigma eps:
+      eps:   x0 = (x_t - sigma eps) / alpha
+      x0:    eps = (x_t - alpha x0) / sigma
+      v:     v = alpha eps - sigma x0 (Salimans & Ho 2022), so x0 = alpha x_t - sigma v,
+             eps = sigma x_t + alpha v
+      score: s = grad log q(x_t) = -eps / sigma (Song & Ermon 2019)
+    """
+    check_parameterization(parameterization)
+    _check_same_shape(output=output, x_t=x_t)
+    alpha, sigma = alpha_sigma(_bcast(log_snr_t, x_t))
+    if parameterization == "eps":
+        eps = output
+        x0 = (x_t - sigma * eps) / alpha
+    elif parameterization == "x0":
+        x0 = output
+        eps = (x_t - alpha * x0) / sigma
+    elif parameterization == "v":
+        x0 = alpha * x_t - sigma * output
+        eps = sigma * x_t + alpha * output
+    else:  # score
+        eps = -sigma * output
+        x0 = (x_t - sigma * eps) / alpha
+    return x0, eps
+
+
+def output_from_x0_eps(x0, eps, x_t, log_snr_t, parameterization: str):
+    """The inverse of ``x0_eps_from_output``: the target a network of this parameterization regresses."""
+    check_parameterization(parameterization)
+    alpha, sigma = alpha_sigma(_bcast(log_snr_t, x_t))
+    if parameterization == "eps":
+        return eps
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        return alpha * eps - sigma * x0
+    return -eps / sigma
+
+
+def convert(output, x_t, log_snr_t, source: str, target: str):
+    """Convert a prediction from one parameterization to another at level log_snr_t."""
+    x0, eps = x0_eps_from_output(output, x_t, log_snr_t, source)
+    return output_from_x0_eps(x0, eps, x_t, log_snr_t, target)
+
+
+# ---------------------------------------------------------------------------
+# The reverse process p(x_s | x_t) = q(x_s | x_t, x0_hat) with a chosen variance.
+# ---------------------------------------------------------------------------
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
+
+
+def check_variance_type(name: str) -> None:
+    if name not in VARIANCE_TYPES:
+        raise ValueError(f"variance type must be one of {VARIANCE_TYPES}, got {name!r}")
+
+
+def learns_variance(variance_type: str) -> bool:
+    """True when the network outputs an extra channel set for the variance."""
+    check_variance_type(variance_type)
+    return variance_type in ("learned_range", "learned")
+
+
+def reverse_log_variance_bounds(log_snr_s, log_snr_t):
+    """(log beta~, log beta) of the step t -> s: the posterior variance sigma_s^2 (1 - SNR_t/SNR_s)
+    (Ho et al. 'fixed_small') and the forward variance sigma_{t|s}^2 ('fixed_large').
+
+    When s is the data level (lambda_s = +inf) the posterior variance is 0; the
+    lower bound is then replaced by the upper one, sigma_{t|0}^2 (beta_1 in DDPM),
+    which is what the decoder and the last sampling step use.
+    """
+    log_one_minus_ratio = jnp.log(-jnp.expm1(log_snr_t - log_snr_s))
+    log_large = jax.nn.log_sigmoid(-log_snr_t) + log_one_minus_ratio
+    log_small = jnp.where(jnp.isinf(log_snr_s), log_large,
+                          jax.nn.log_sigmoid(-log_snr_s) + log_one_minus_ratio)
+    return log_small, log_large
+
+
+def split_variance_output(output, variance_type: str):
+    """Split a network output into (prediction, variance channels or None) along the last axis."""
+    if not learns_variance(variance_type):
+        return output, None
+    if output.shape[-1] % 2:
+        raise ValueError(f"variance type {variance_type!r} needs an output with twice the data "
+                         f"channels, got {output.shape[-1]} channels")
+    return jnp.split(output, 2, axis=-1)
+
+
+def p_mean_variance(output, x_t, log_snr_s, log_snr_t, parameterization: str,
+                    variance_type: str, clip_x0=None):
+    """Mean and log-variance of the reverse step p(x_s | x_t) for s < t.
+
+    The mean is the posterior mean q(x_s | x_t, x0_hat) at the predicted x0
+    (Ho et al. eq. 11 for eps; the same for every parameterization); optional
+    ``clip_x0 = (lo, hi)`` clips x0_hat first. The log-variance is
+      fixed_small:   log beta~ (posterior), fixed_large: log beta (forward step),
+      learned_range: frac log beta + (1 - frac) log beta~, frac = (v + 1)/2 with the
+                     network's extra output v (Nichol & Dhariwal 2021, eq. 15),
+      learned:       the network's extra output, a free log-variance (seed 002/003).
+    Returns (mean, log_variance, x0_hat).
+    """
+    pred, var_out = split_variance_output(output, variance_type)
+    x0_hat, _ = x0_eps_from_output(pred, x_t, log_snr_t, parameterization)
+    if clip_x0 is not None:
+        x0_hat = jnp.clip(x0_hat, *clip_x0)
+    lam_s, lam_t = _bcast(log_snr_s, x_t), _bcast(log_snr_t, x_t)
+    mean, _, _ = q_posterior(x0_hat, x_t, lam_s, lam_t)
+    log_small, log_large = reverse_log_variance_bounds(lam_s, lam_t)
+    if variance_type == "fixed_small":
+        log_var = log_small
+    elif variance_type == "fixed_large":
+        log_var = log_large
+    elif variance_type == "learned_range":
+        frac = (var_out + 1.0) / 2.0
+        log_var = frac * log_large + (1.0 - frac) * log_small
+    else:
+        log_var = var_out
+    return mean, jnp.broadcast_to(log_var, x_t.shape), x0_hat
