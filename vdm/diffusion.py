@@ -23,6 +23,8 @@ PARAMETERIZATIONS = ("eps", "x0", "v", "score")
 def _bcast(a, x):
     """Reshape a level array of shape [B] (or []) to broadcast against x of shape [B, ...]."""
     a = jnp.asarray(a)
+    if a.ndim == x.ndim and all(d in (1, n) for d, n in zip(a.shape, x.shape)):
+        return a  # already broadcast
     if a.ndim > x.ndim or x.shape[: a.ndim] != a.shape:
         raise ValueError(f"level array of shape {a.shape} does not match the leading axes of x {x.shape}")
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
