@@ -203,10 +203,19 @@ def cosine_log_snr(t, log_snr_min: float = -20.0, log_snr_max: float = 20.0):
     The angle is rescaled so that log_snr(0) = log_snr_max and log_snr(1) =
     log_snr_min (Kingma & Gao 2023, "Understanding diffusion objectives", App. E),
     which keeps both ends finite.
+
+    Near t = 1 the angle approaches pi/2, where tan loses float32 digits; there
+    we use log_snr = 2 log tan(pi/2 - theta) with pi/2 - theta computed directly
+    from the complementary angles (atan(e^{-x}) + atan(e^{x}) = pi/2).
     """
     a = math.atan(math.exp(-0.5 * log_snr_max))
     b = math.atan(math.exp(-0.5 * log_snr_min))
-    return -2.0 * jnp.log(jnp.tan(a + t * (b - a)))
+    a_c = math.atan(math.exp(0.5 * log_snr_max))  # pi/2 - a
+    b_c = math.atan(math.exp(0.5 * log_snr_min))  # pi/2 - b
+    theta = a + t * (b - a)
+    theta_c = b_c + (1.0 - t) * (a_c - b_c)        # pi/2 - theta
+    return jnp.where(theta <= 0.25 * math.pi, -2.0 * jnp.log(jnp.tan(theta)),
+                     2.0 * jnp.log(jnp.tan(theta_c)))
 
 
 def vp_linear_log_snr(t, beta_min: float = 0.1, beta_max: float = 20.0):

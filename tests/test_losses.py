@@ -1,0 +1,540 @@
+"""Losses: closed forms, the optimal denoiser of Gaussian data, identities between methods."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from vdm import diffusion, losses, schedules
+
+MU, S = 0.5, 0.7  # data x0 ~ N(MU, S^2) independently in every dimension
+
+
+# ---------------------------------------------------------------------------
+# The optimal denoiser for Gaussian data (closed form, written here).
+# ---------------------------------------------------------------------------
+
+
+def posterior_x0(x_t, lam):
+    """E[x0 | x_t] and Var[x0 | x_t] for x0 ~ N(MU, S^2), x_t = alpha x0 + sigma eps."""
+    a2, s2 = jax.nn.sigmoid(lam), jax.nn.sigmoid(-lam)
+    a = jnp.sqrt(a2)
+    gain = a * S ** 2 / (a2 * S ** 2 + s2)
+    return MU + gain * (x_t - a * MU), S ** 2 * s2 / (a2 * S ** 2 + s2)
+
+
+def optimal_discrete_model(schedule, parameterization="eps", exact_variance=False):
+    """model_fn(x_t, t) of the Bayes-optimal denoiser; with exact_variance it also outputs the
+    true log Var[x_{t-1} | x_t] (the reverse kernel of Gaussian data is exactly Gaussian)."""
+
+    def model_fn(x_t, t):
+        lam_t = schedule.log_snr[t][:, None]
+        x0, var0 = posterior_x0(x_t, lam_t)
+        _, eps = diffusion.x0_eps_from_output(x0, x_t, lam_t, "x0")
+        out = diffusion.output_from_x0_eps(x0, eps, x_t, lam_t, parameterization)
+        if not exact_variance:
+            return out
+        lam_s = schedule.log_snr[t - 1][:, None]
+        _, post_var, _ = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+        coef_x0 = jnp.sqrt(jax.nn.sigmoid(lam_s)) * -jnp.expm1(lam_t - lam_s)
+        var = jnp.where(t[:, None] == 1, var0, post_var + coef_x0 ** 2 * var0)  # total variance
+        return jnp.concatenate([out, jnp.log(var)], axis=-1)
+
+    return model_fn
+
+
+def gaussian_data(key, B, D=4):
+    return MU + S * jax.random.normal(key, (B, D))
+
+
+def true_nll(x0):
+    return np.sum(-stats.norm.logpdf(np.float64(x0), MU, S), axis=1)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise pieces.
+# ---------------------------------------------------------------------------
+
+
+def test_gaussian_kl_closed_form_and_monte_carlo():
+    m1, lv1, m2, lv2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
+    kl = float(losses.gaussian_kl(m1, lv1, m2, lv2))
+    x = np.random.default_rng(0).normal(m1, math.exp(0.5 * lv1), 400_000)
+    mc = stats.norm.logpdf(x, m1, math.exp(0.5 * lv1)) - stats.norm.logpdf(x, m2, math.exp(0.5 * lv2))
+    assert abs(kl - mc.mean()) < 4 * mc.std() / math.sqrt(x.size)
+    assert float(losses.gaussian_kl(0.1, -3.0, 0.1, -3.0)) == 0.0
+
+
+def test_prior_kl_closed_form():
+    x0 = jnp.array([[0.0, 1.0, -2.0], [0.5, 0.5, 0.5]])
+    lam = jnp.array([-3.0, -8.0])
+    a2, s2 = 1 / (1 + np.exp(-np.float64(lam)))[:, None], 1 / (1 + np.exp(np.float64(lam)))[:, None]
+    want = 0.5 * np.sum(a2 * np.float64(x0) ** 2 + s2 - 1 - np.log(s2), axis=1)
+    np.testing.assert_allclose(losses.prior_kl(x0, lam), want, rtol=1e-4)
+
+
+def test_discretized_gaussian_matches_float64_cdf_and_normalizes():
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, (6, 500)) / 127.5 - 1).astype(np.float32)
+    mean = rng.normal(0, 1.5, (6, 500)).astype(np.float32)
+    log_scale = np.array([-7.0, -5.0, -3.0, -1.0, 0.5, 3.0], np.float32)[:, None] * np.ones((1, 500),
+                                                                                          np.float32)
+    dgl = jax.jit(losses.discretized_gaussian_log_likelihood)
+    got = np.asarray(dgl(x, mean, log_scale))
+    xs, m, sc = np.float64(x), np.float64(mean), np.exp(np.float64(log_scale))
+    lo = np.where(xs < -0.999, -np.inf, (xs - 1 / 255 - m) / sc)
+    hi = np.where(xs > 0.999, np.inf, (xs + 1 / 255 - m) / sc)
+    with np.errstate(divide="ignore"):
+        want = np.log(np.where(lo + hi > 0, stats.norm.sf(lo) - stats.norm.sf(hi),
+                               stats.norm.cdf(hi) - stats.norm.cdf(lo)))
+    assert np.all(np.isfinite(got))  # finite even where the float64 CDF difference underflows
+    ok = np.isfinite(want)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=2e-5, atol=2e-5)
+    # The 256 bin probabilities sum to one for any mean and scale.
+    grid = jnp.linspace(-1, 1, 256)[None]
+    for m, ls in [(0.3, -6.0), (0.3, -2.0), (0.99, 1.0), (-3.0, 0.0), (0.1, 5.0)]:
+        lp = dgl(grid, jnp.full((1, 256), m),
+                                                        jnp.full((1, 256), ls))
+        np.testing.assert_allclose(jax.scipy.special.logsumexp(lp), 0.0, atol=1e-5)
+    g = jax.jit(jax.grad(lambda mu: dgl(x, mu, log_scale).sum()))(mean)
+    assert np.all(np.isfinite(g))
+
+
+def test_gaussian_log_likelihood_matches_scipy():
+    x, m, ls = np.array([0.3, -2.0]), np.array([0.1, 1.0]), np.array([-1.0, 0.5])
+    np.testing.assert_allclose(losses.gaussian_log_likelihood(x, m, ls),
+                               stats.norm.logpdf(x, m, np.exp(ls)), rtol=1e-5)
+
+
+def test_vdm_categorical_decoder_is_the_bayes_posterior_over_the_grid():
+    """p(x = k | z0) proportional to N(z0; alpha_0 v_k, sigma_0^2) (Kingma et al. App. C)."""
+    rng = np.random.default_rng(1)
+    k = rng.integers(0, 256, (3, 50))
+    x0 = (k / 127.5 - 1).astype(np.float32)
+    lam0 = np.array([13.3, 8.0, 2.0], np.float32)
+    z0, _ = diffusion.sample_q_xt_given_x0(jax.random.PRNGKey(0), jnp.asarray(x0), lam0)
+    got = losses.vdm_categorical_decoder_log_likelihood(jnp.asarray(x0), z0, lam0)
+    a = np.sqrt(1 / (1 + np.exp(-np.float64(lam0))))[:, None, None]
+    s = np.sqrt(1 / (1 + np.exp(np.float64(lam0))))[:, None, None]
+    grid = np.linspace(-1, 1, 256)
+    logits = stats.norm.logpdf(np.float64(z0)[..., None], a * grid, s)
+    want = np.take_along_axis(logits, k[..., None], -1)[..., 0] - np.logaddexp.reduce(logits, -1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert float(jnp.mean(got[0])) > -1e-3  # at the VDM's lambda_0 = 13.3 the true bin takes ~all mass
+
+
+# ---------------------------------------------------------------------------
+# Simple losses and their weightings.
+# ---------------------------------------------------------------------------
+
+
+def _noisy_batch(key, shape=(8, 5), lam=None):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x0 = jax.random.normal(k1, shape)
+    lam = jnp.linspace(-4.0, 6.0, shape[0]) if lam is None else lam
+    x_t, eps = diffusion.sample_q_xt_given_x0(k2, x0, lam)
+    x0_hat = x0 + 0.3 * jax.random.normal(k3, shape)  # an imperfect prediction
+    return x0, eps, x_t, lam, x0_hat
+
+
+def test_simple_loss_weightings_are_the_same_x0_objective_in_every_parameterization():
+    x0, eps, x_t, lam, x0_hat = _noisy_batch(jax.random.PRNGKey(0))
+    x0_mse = np.mean(np.square(np.float64(x0_hat - x0)), axis=1)
+    snr = np.exp(np.float64(lam))
+    want = {"snr": snr * x0_mse, "truncated_snr": np.maximum(snr, 1) * x0_mse,
+            "min_snr": np.minimum(snr, 5.0) * x0_mse}
+    for param in diffusion.PARAMETERIZATIONS:
+        _, eps_hat = diffusion.x0_eps_from_output(x0_hat, x_t, lam, "x0")
+        out = diffusion.output_from_x0_eps(x0_hat, eps_hat, x_t, lam, param)
+        for target in diffusion.PARAMETERIZATIONS:
+            for w, ref in want.items():
+                got = losses.simple_loss(out, x0, eps, x_t, lam, param, target, weighting=w)
+                np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg=f"{param} {target} {w}")
+        assert np.all(np.asarray(losses.simple_loss(out, x0, eps, x_t, lam, param)) > 0)
+    # Hang et al.'s min-SNR in eps space is min(SNR, gamma)/SNR times the eps-MSE.
+    eps_mse = np.mean(np.square(np.float64(eps_hat - eps)), axis=1)
+    np.testing.assert_allclose(losses.simple_loss(eps_hat, x0, eps, x_t, lam, "eps", weighting="min_snr"),
+                               np.minimum(snr, 5.0) / snr * eps_mse, rtol=2e-3)
+    # The exact prediction has zero loss, L1 is the mean absolute error.
+    assert np.allclose(losses.simple_loss(eps, x0, eps, x_t, lam, "eps", "v"), 0, atol=1e-10)
+    np.testing.assert_allclose(losses.simple_loss(eps_hat, x0, eps, x_t, lam, "eps", loss_type="l1"),
+                               np.mean(np.abs(np.float64(eps_hat - eps)), axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_elbo_weighted_simple_loss_equals_vlb_terms(variance_type):
+    """num_dims * simple(elbo) = L_{t-1} exactly (fixed_small) or up to a model-independent
+    constant (fixed_large, and the t = 1 Gaussian decoder), for every parameterization."""
+    sch = schedules.discrete_schedule("cosine", 20)
+    B, D = 20, 6
+    t = jnp.arange(1, B + 1)
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    x0 = jnp.round(jax.random.uniform(keys[0], (B, D), minval=-1, maxval=1) * 127.5) / 127.5
+    lam_s, lam_t = sch.log_snr[t - 1], sch.log_snr[t]
+    x_t, eps = diffusion.sample_q_xt_given_x0(keys[1], x0, lam_t)
+    log_var = (diffusion.reverse_log_variance_bounds(lam_s, lam_t)[1]
+               if variance_type == "fixed_large" else None)
+    gaps = []
+    for i, param in enumerate(["eps", "x0", "v"]):
+        out = eps + (0.05 + 0.1 * i) * jax.random.normal(jax.random.fold_in(keys[2], i), (B, D))
+        out = diffusion.convert(out, x_t, lam_t, "eps", param)
+        vlb = losses.vlb_term(out, x0, x_t, t, sch, param, variance_type, "gaussian")
+        simple = losses.simple_loss(out, x0, eps, x_t, lam_t, param, weighting="elbo",
+                                    log_snr_s=lam_s, log_variance=log_var)
+        gaps.append(np.float64(vlb) - D * np.float64(simple))
+    gaps = np.array(gaps)
+    assert np.all(np.abs(gaps - gaps[0]) <= 1e-3 * (1 + np.abs(gaps[0]))), gaps
+    if variance_type == "fixed_small":
+        np.testing.assert_allclose(gaps[:, 1:], 0.0, atol=1e-3)  # pure KL terms, t >= 2
+    # The discretized decoder changes only the t = 1 term, which stays finite.
+    vlb_d = losses.vlb_term(out, x0, x_t, t, sch, "v", variance_type, "discretized")
+    vlb_g = losses.vlb_term(out, x0, x_t, t, sch, "v", variance_type, "gaussian")
+    np.testing.assert_allclose(vlb_d[1:], vlb_g[1:])
+    assert np.isfinite(vlb_d[0]) and vlb_d[0] != vlb_g[0]
+
+
+# ---------------------------------------------------------------------------
+# The discrete ELBO with the optimal denoiser of Gaussian data.
+# ---------------------------------------------------------------------------
+
+B_ELBO = 1024
+
+
+@pytest.fixture(scope="module")
+def elbo_results():
+    x0 = gaussian_data(jax.random.PRNGKey(0), B_ELBO)
+    res = {}
+    for T in (50, 200, 1000):
+        sch = schedules.discrete_schedule("linear", T)
+        res[T] = jax.jit(lambda k, x, sch=sch: losses.discrete_elbo(
+            optimal_discrete_model(sch), k, x, sch, decoder="gaussian", chunk=25))(
+            jax.random.PRNGKey(1), x0)
+    return x0, res
+
+
+def test_elbo_bounds_the_nll_and_tightens_with_T(elbo_results):
+    x0, res = elbo_results
+    nll = true_nll(x0)
+    gaps, errs = [], []
+    for T, r in sorted(res.items()):
+        assert all(np.all(np.isfinite(np.asarray(v))) for v in r.values())
+        gap = np.float64(r["total"]) - nll
+        gaps.append(gap.mean())
+        errs.append(gap.std() / math.sqrt(B_ELBO))
+    # E[-ELBO] >= E[-log p_theta] >= H(data) = E[true NLL]
+    assert all(g > 4 * e for g, e in zip(gaps, errs)), (gaps, errs)
+    # ... and the gap shrinks as T grows (the same total noise in finer steps).
+    assert gaps[0] - gaps[1] > 4 * math.hypot(errs[0], errs[1]), (gaps, errs)
+    assert gaps[1] - gaps[2] > 4 * math.hypot(errs[1], errs[2]), (gaps, errs)
+
+
+def test_elbo_per_term_sum_equals_total(elbo_results):
+    _, res = elbo_results
+    for T, r in res.items():
+        assert r["diffusion"].shape == (B_ELBO, T)
+        np.testing.assert_array_equal(r["diffusion"][:, 0], 0.0)
+        np.testing.assert_allclose(r["total"], r["prior"] + r["diffusion"].sum(1) + r["decoder"],
+                                   rtol=1e-5)
+        assert np.all(np.asarray(r["diffusion"][:, 1:]) >= -1e-4)  # KLs
+        assert np.all(np.asarray(r["prior"]) >= 0)
+
+
+def test_elbo_terms_are_vlb_terms_at_each_t():
+    """discrete_elbo's column t-1 is vlb_term at t with the same x_t (key folded with t)."""
+    sch = schedules.discrete_schedule("cosine", 7)
+    x0 = gaussian_data(jax.random.PRNGKey(4), 3)
+    model = optimal_discrete_model(sch, "v")
+    key = jax.random.PRNGKey(5)
+    r = losses.discrete_elbo(model, key, x0, sch, parameterization="v", decoder="gaussian", chunk=3)
+    for t in range(1, 8):
+        eps = jax.random.normal(jax.random.fold_in(key, t), x0.shape)
+        tt = jnp.full((3,), t)
+        x_t, _ = diffusion.sample_q_xt_given_x0(None, x0, sch.log_snr[tt], eps)
+        term = losses.vlb_term(model(x_t, tt), x0, x_t, tt, sch, "v", "fixed_small", "gaussian")
+        np.testing.assert_allclose(r["decoder" if t == 1 else "diffusion"][:, t - 1] if t > 1
+                                   else r["decoder"], term, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_reverse_kernel_makes_the_elbo_tight():
+    """Gaussian data have Gaussian reverse kernels: with the true mean and a free learned
+    variance equal to the true one, -ELBO - NLL is only the tiny prior mismatch."""
+    sch = schedules.discrete_schedule("linear", 100)
+    x0 = gaussian_data(jax.random.PRNGKey(6), 512)
+    r = losses.discrete_elbo(optimal_discrete_model(sch, exact_variance=True),
+                             jax.random.PRNGKey(7), x0, sch, variance_type="learned",
+                             decoder="gaussian", chunk=50)
+    gap = np.float64(r["total"]) - true_nll(x0)
+    assert abs(gap.mean()) < max(4 * gap.std() / math.sqrt(gap.size), 2e-3), gap.mean()
+
+
+def test_monte_carlo_elbo_is_unbiased_and_importance_sampling_reduces_variance(elbo_results):
+    x0, res = elbo_results
+    x0 = x0[:64]
+    exact = np.float64(res[200]["total"][:64]).mean()
+    sch = schedules.discrete_schedule("linear", 200)
+    model = optimal_discrete_model(sch)
+    terms = np.float64(res[200]["diffusion"]).mean(0)
+    terms[0] = np.float64(res[200]["decoder"]).mean()
+    for importance in (None, np.abs(terms)):
+        mc = losses.discrete_elbo_mc(model, jax.random.PRNGKey(8), x0, sch, 64,
+                                     decoder="gaussian", importance=importance)
+        est = np.float64(mc["total"]).mean()
+        # The per-example estimates are independent: the batch mean's error is
+        # sqrt(mean(stderr^2) / B) plus the spread of the exact ELBO's own x_t draws.
+        se = math.sqrt(np.mean(np.float64(mc["stderr"]) ** 2) / 64 + np.var(res[200]["total"][:64]) / 64)
+        assert abs(est - exact) < 4 * se, (importance is None, est, exact, se)
+        if importance is None:
+            se_uniform = float(np.mean(mc["stderr"]))
+        else:
+            assert float(np.mean(mc["stderr"])) < se_uniform / 5
+
+
+# ---------------------------------------------------------------------------
+# Loss-history importance sampler (Nichol & Dhariwal §3.3).
+# ---------------------------------------------------------------------------
+
+
+def test_loss_history_sampler():
+    T, H = 5, 3
+    state = losses.loss_history_init(T, H)
+    t, w = losses.loss_history_sample(state, jax.random.PRNGKey(0), 1000)
+    assert np.all(np.asarray(w) == 1) and set(np.asarray(t)) == set(range(1, T + 1))
+    # Fill every timestep but one: still uniform.
+    state = losses.loss_history_update(state, jnp.repeat(jnp.arange(1, T), H),
+                                       jnp.repeat(jnp.arange(1.0, T), H))
+    np.testing.assert_allclose(losses.loss_history_probs(state), 1 / T)
+    # Timestep 5 gets an old value that the ring buffer must drop, then three values of 10.
+    state = losses.loss_history_update(state, jnp.full((4,), 5), jnp.array([99.0, 10, 10, 10]))
+    p = np.asarray(losses.loss_history_probs(state, uniform_prob=0.0))
+    np.testing.assert_allclose(p, np.array([1, 2, 3, 4, 10]) / 20, rtol=1e-6)
+    p = np.asarray(losses.loss_history_probs(state))
+    t, w = losses.loss_history_sample(state, jax.random.PRNGKey(1), 200_000)
+    freq = np.bincount(np.asarray(t), minlength=T + 1)[1:] / t.size
+    np.testing.assert_allclose(freq, p, atol=5e-3)
+    np.testing.assert_allclose(w, 1 / (T * p[np.asarray(t) - 1]), rtol=1e-6)
+    # Importance weights keep the objective unbiased: E_p[w L_t] = mean_t L_t.
+    L = np.array([1.0, 2, 3, 4, 10])
+    assert math.isclose(np.sum(p * (1 / (T * p)) * L), L.mean(), rel_tol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# discrete_loss: kinds, the hybrid stop-gradient, jit/vmap/grad.
+# ---------------------------------------------------------------------------
+
+
+def _param_model(schedule):
+    """A model with a mean parameter and a variance parameter (learned_range output)."""
+
+    def make(params):
+        base = optimal_discrete_model(schedule)
+
+        def model_fn(x_t, t):
+            mean = base(x_t, t) * params["m"]
+            return jnp.concatenate([mean, jnp.full_like(mean, params["v"])], axis=-1)
+
+        return model_fn
+
+    return make
+
+
+def test_hybrid_loss_stops_the_gradient_of_the_mean_in_the_vlb_term():
+    sch = schedules.discrete_schedule("cosine", 50)
+    make = _param_model(sch)
+    x0 = gaussian_data(jax.random.PRNGKey(0), 16)
+    params = {"m": 1.1, "v": 0.2}
+    kw = dict(parameterization="eps", variance_type="learned_range", decoder="gaussian")
+
+    def loss(p, kind, part="loss"):
+        out, metrics = losses.discrete_loss(make(p), jax.random.PRNGKey(1), x0, sch, kind=kind, **kw)
+        return jnp.mean(out if part == "loss" else metrics[part])
+
+    g_hybrid = jax.grad(loss)(params, "hybrid")
+    g_simple = jax.grad(loss)(params, "hybrid", "simple")
+    g_vlb = jax.grad(loss)(params, "vlb")
+    np.testing.assert_allclose(g_hybrid["m"], g_simple["m"], rtol=1e-5)  # mean: L_simple only
+    assert float(g_simple["v"]) == 0
+    assert abs(float(g_hybrid["v"])) > 0 and abs(float(g_vlb["m"])) > 0  # variance: L_vlb
+    out, m = losses.discrete_loss(make(params), jax.random.PRNGKey(1), x0, sch, kind="hybrid", **kw)
+    np.testing.assert_allclose(out, m["simple"] + 1e-3 * 50 * m["vlb_term"] / (4 * math.log(2)),
+                               rtol=1e-5)
+
+
+def test_vlb_kind_is_an_unbiased_bits_per_dim_estimate():
+    sch = schedules.discrete_schedule("linear", 100)
+    x0 = gaussian_data(jax.random.PRNGKey(2), 256)
+    model = optimal_discrete_model(sch)
+    f = jax.jit(lambda k: losses.discrete_loss(model, k, x0, sch, kind="vlb", decoder="gaussian")[0])
+    est = np.stack([np.float64(f(k)) for k in jax.random.split(jax.random.PRNGKey(3), 16)])
+    exact = losses.discrete_elbo(model, jax.random.PRNGKey(4), x0, sch, decoder="gaussian", chunk=50)
+    exact_bpd = np.float64(losses.bits_per_dim(exact["total"], 4)).mean()
+    assert abs(est.mean() - exact_bpd) < 4 * est.std() / math.sqrt(est.size) + 0.01
+
+
+def test_discrete_loss_traced_t_does_not_retrace_and_vmaps():
+    sch = schedules.discrete_schedule("cosine", 30)
+    model = optimal_discrete_model(sch)
+    x0 = gaussian_data(jax.random.PRNGKey(0), 8)
+    traces = []
+
+    @jax.jit
+    def f(key, t, w):
+        traces.append(1)
+        return losses.discrete_loss(model, key, x0, sch, weighting="min_snr", t=t, weights=w)[0]
+
+    state = losses.loss_history_init(30, 1)
+    for i in range(3):
+        t, w = losses.loss_history_sample(state, jax.random.PRNGKey(i), 8)
+        out = f(jax.random.PRNGKey(i), t, w)
+        state = losses.loss_history_update(state, t, out)
+    assert len(traces) == 1 and np.all(np.isfinite(out))
+    per_key = jax.vmap(lambda k: losses.discrete_loss(model, k, x0, sch)[0])(jax.random.split(
+        jax.random.PRNGKey(0), 3))
+    assert per_key.shape == (3, 8) and np.all(np.isfinite(per_key))
+
+
+# ---------------------------------------------------------------------------
+# The VDM loss in continuous time and its T-step form.
+# ---------------------------------------------------------------------------
+
+LAM_MAX, LAM_MIN, D_VDM = 13.3, -5.0, 4
+
+
+def optimal_vdm_model(log_snr_fn):
+    def model_fn(z_t, t):
+        lam = log_snr_fn(t)[:, None]
+        x0, _ = posterior_x0(z_t, lam)
+        return x0
+
+    return model_fn
+
+
+def expected_diffusion_loss(T):
+    """E[diffusion term] for the optimal denoiser: 0.5 D sum_i (SNR_s - SNR_t) Var[x0 | z_t]
+    (T steps, eq. 15), or 0.5 D log((1 + SNR_max S^2)/(1 + SNR_min S^2)) in the limit (eq. 17)."""
+    if T == 0:
+        return 0.5 * D_VDM * math.log((1 + math.exp(LAM_MAX) * S ** 2) / (1 + math.exp(LAM_MIN) * S ** 2))
+    snr = np.exp(LAM_MAX + (LAM_MIN - LAM_MAX) * np.arange(T + 1) / T)
+    return 0.5 * D_VDM * np.sum((snr[:-1] - snr[1:]) * S ** 2 / (1 + snr[1:] * S ** 2))
+
+
+@pytest.fixture(scope="module")
+def vdm_runs():
+    """Diffusion-term samples for two schedules with the same endpoints and T in {0, 10}."""
+    x0 = gaussian_data(jax.random.PRNGKey(9), 2048, D_VDM)
+    scheds = {"linear": schedules.continuous_schedule("vdm_linear"),
+              "cosine": schedules.continuous_schedule("cosine", log_snr_max=LAM_MAX,
+                                                      log_snr_min=LAM_MIN)}
+    out = {}
+    for name, fn in scheds.items():
+        for T in (0, 10):
+            f = jax.jit(lambda k, fn=fn, T=T: losses.vdm_loss(
+                optimal_vdm_model(fn), fn, k, x0, T=T, parameterization="x0", decoder="gaussian"))
+            out[name, T] = [f(k) for k in jax.random.split(jax.random.PRNGKey(T), 4)]
+    return x0, out
+
+
+def _mean_se(runs, field):
+    v = np.concatenate([np.float64(m[field]) for _, m in runs])
+    return v.mean(), v.std() / math.sqrt(v.size)
+
+
+def test_vdm_continuous_loss_is_invariant_to_the_schedule_interior(vdm_runs):
+    """Kingma et al. §5.1: L_inf depends on the schedule only through its endpoints."""
+    _, out = vdm_runs
+    m_lin, se_lin = _mean_se(out["linear", 0], "diffusion")
+    m_cos, se_cos = _mean_se(out["cosine", 0], "diffusion")
+    want = expected_diffusion_loss(0)
+    assert abs(m_lin - m_cos) < 4 * math.hypot(se_lin, se_cos), (m_lin, m_cos)
+    assert abs(m_lin - want) < 4 * se_lin and abs(m_cos - want) < 4 * se_cos, (m_lin, m_cos, want)
+
+
+def test_vdm_discrete_T_form_matches_its_closed_form_and_bounds_the_continuous(vdm_runs):
+    """Eq. 15 for the linear schedule; L_T >= L_inf (Kingma et al. §4.1)."""
+    _, out = vdm_runs
+    m, se = _mean_se(out["linear", 10], "diffusion")
+    assert abs(m - expected_diffusion_loss(10)) < 4 * se
+    assert expected_diffusion_loss(10) > expected_diffusion_loss(0)
+
+
+def test_vdm_prior_decoder_and_antithetic_times(vdm_runs):
+    x0, out = vdm_runs
+    total, m = out["linear", 0][0]
+    np.testing.assert_allclose(total, m["prior"] + m["diffusion"] + m["decoder"], rtol=1e-5)
+    np.testing.assert_allclose(m["prior"], losses.prior_kl(x0, LAM_MIN), rtol=1e-6)
+    t = np.sort(np.asarray(m["t"]))
+    np.testing.assert_allclose(np.diff(t), 1 / t.size, atol=1e-5)  # evenly spread times
+    # Gaussian decoder: -log N(x; z0/alpha0, 1/SNR_0), E = 0.5 D (1 + log(2 pi / SNR_0)).
+    want = 0.5 * D_VDM * (1 + math.log(2 * math.pi) - LAM_MAX)
+    assert abs(float(jnp.mean(m["decoder"])) - want) < 0.05
+
+
+def test_vdm_loss_gradients_reach_a_learned_schedule_and_the_categorical_decoder_works():
+    x0 = jnp.round(gaussian_data(jax.random.PRNGKey(0), 16) * 127.5).clip(-127.5, 127.5) / 127.5
+
+    def loss(params, T):
+        fn = lambda t: params["lmax"] + (params["lmin"] - params["lmax"]) * t
+        model = lambda z, t: params["w"] * z
+        return jnp.mean(losses.vdm_loss(model, fn, jax.random.PRNGKey(1), x0, T=T,
+                                        decoder="categorical")[0])
+
+    params = {"lmax": 10.0, "lmin": -6.0, "w": 0.5}
+    for T in (0, 1000):
+        g = jax.grad(loss)(params, T)
+        assert all(np.isfinite(v) and v != 0 for v in jax.tree_util.tree_leaves(g)), g
+    assert np.isfinite(float(loss(params, 0)))
+
+
+def test_bits_per_dim():
+    np.testing.assert_allclose(losses.bits_per_dim(jnp.array([3072 * math.log(2)]), 3072), 1.0)
+
+
+# ---------------------------------------------------------------------------
+# Bad arguments.
+# ---------------------------------------------------------------------------
+
+
+def test_bad_arguments_raise_value_error_naming_them():
+    sch = schedules.discrete_schedule("cosine", 10)
+    x0 = jnp.zeros((4, 3))
+    model = lambda x, t: x
+    cases = [
+        (dict(kind="elbo"), r"kind must be one of \('simple', 'hybrid', 'vlb'\)"),
+        (dict(weighting="p2"), r"weighting must be one of .*'min_snr'"),
+        (dict(loss_type="huber"), r"loss_type must be one of \('l2', 'l1'\)"),
+        (dict(decoder="categorical"), r"decoder must be one of \('discretized', 'gaussian'\)"),
+        (dict(parameterization="mu"), r"parameterization must be one of"),
+        (dict(variance_type="big"), r"variance type must be one of"),
+        (dict(t=jnp.array([0, 1, 2, 3])), r"1\.\.10"),
+        (dict(t=jnp.array([1, 2, 3, 11])), r"1\.\.10"),
+        (dict(t=jnp.array([1, 2])), r"t must have shape"),
+        (dict(variance_type="learned_range"), r"kind 'simple' does not train the variance"),
+        (dict(loss_type="l1", weighting="snr"), r"loss_type 'l1' allows weighting 'none'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            losses.discrete_loss(model, jax.random.PRNGKey(0), x0, sch, **kw)
+    eps = jnp.zeros((4, 2))
+    with pytest.raises(ValueError, match="same shape"):
+        losses.simple_loss(x0, x0, eps, x0, 0.0, "eps")
+    with pytest.raises(ValueError, match="log_snr_s"):
+        losses.simple_loss(x0, x0, x0, x0, 0.0, "eps", weighting="elbo")
+    with pytest.raises(ValueError, match="target must be one of"):
+        losses.simple_loss(x0, x0, x0, x0, 0.0, "eps", target="mean")
+    with pytest.raises(ValueError, match="twice the data"):
+        losses.vlb_term(x0, x0, x0, jnp.array([1, 2, 3, 4]), sch, "eps", "learned", "gaussian")
+    with pytest.raises(ValueError, match="num_samples"):
+        losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 1)
+    with pytest.raises(ValueError, match="importance"):
+        losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4, importance=jnp.ones(9))
+    with pytest.raises(ValueError, match="chunk"):
+        losses.discrete_elbo(model, jax.random.PRNGKey(0), x0, sch, chunk=0)
+    with pytest.raises(ValueError, match=r"T must be 0 \(continuous time\)"):
+        losses.vdm_loss(model, lambda t: -t, jax.random.PRNGKey(0), x0, T=-1)
+    with pytest.raises(ValueError, match=r"decoder must be one of \('categorical'"):
+        losses.vdm_loss(model, lambda t: -t, jax.random.PRNGKey(0), x0, decoder="x")
+    with pytest.raises(ValueError, match="num_dims"):
+        losses.bits_per_dim(1.0, 0)
+    with pytest.raises(ValueError, match="history"):
+        losses.loss_history_init(10, 0)

@@ -1,0 +1,211 @@
+"""Config validation: every field is checked before anything compiles.
+
+A config (``configs/<experiment>.py``, ``get_config()``) has the sections
+``data``, ``model``, ``diffusion``, ``loss``, ``optim``, ``train``, ``eval`` and
+``sample`` plus a top-level ``seed``. ``validate(config)`` raises a ValueError
+that names the field (``config.diffusion.parameterization``) and the allowed
+values for the first bad field it finds; the data, model, loss and sampler
+sections are checked by the modules that own them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+
+from vdm import data as data_lib
+from vdm import diffusion as diffusion_lib
+from vdm import losses
+from vdm import models
+from vdm import schedules
+
+SECTIONS = ("data", "model", "diffusion", "loss", "optim", "train", "eval", "sample")
+TIMES = ("discrete", "continuous")
+TIME_INPUTS = ("t", "log_snr")
+CONTINUOUS_SCHEDULES = schedules.CONTINUOUS_SCHEDULES + ("learned",)
+ELBO_METHODS = ("mc", "exact")
+DECAYS = ("constant", "cosine")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def _one_of(section, name: str, prefix: str, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if section[name] not in allowed:
+        _fail(f"{prefix}.{name}", section[name], f"must be one of {allowed}")
+
+
+def _int_at_least(section, name: str, prefix: str, low: int) -> None:
+    v = section[name]
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        _fail(f"{prefix}.{name}", v, f"must be an integer >= {low}")
+
+
+def _number_in(section, name: str, prefix: str, low: float, high: float,
+               low_open: bool = False, high_open: bool = False) -> None:
+    v = section[name]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        _fail(f"{prefix}.{name}", v, f"must be a number in {lo}{low}, {high}{hi}")
+
+
+def _require(prefix: str, section, fields: Iterable[str]) -> None:
+    missing = [f for f in fields if f not in section]
+    if missing:
+        raise ValueError(f"config.{prefix} is missing the field(s) {missing}")
+
+
+def validate_optim(optim: ml_collections.ConfigDict) -> None:
+    _require("optim", optim, ("lr", "warmup_steps", "decay", "end_lr_factor", "weight_decay",
+                                     "b1", "b2", "eps", "grad_clip", "accum_steps", "ema_decay"))
+    _number_in(optim, "lr", "optim", 0.0, float("inf"), low_open=True)
+    _int_at_least(optim, "warmup_steps", "optim", 0)
+    _one_of(optim, "decay", "optim", DECAYS)
+    _number_in(optim, "end_lr_factor", "optim", 0.0, 1.0)
+    _number_in(optim, "weight_decay", "optim", 0.0, float("inf"))
+    _number_in(optim, "b1", "optim", 0.0, 1.0, high_open=True)
+    _number_in(optim, "b2", "optim", 0.0, 1.0, high_open=True)
+    _number_in(optim, "eps", "optim", 0.0, float("inf"), low_open=True)
+    _number_in(optim, "grad_clip", "optim", 0.0, float("inf"))
+    _int_at_least(optim, "accum_steps", "optim", 1)
+    _number_in(optim, "ema_decay", "optim", 0.0, 1.0)
+
+
+def validate_train(train: ml_collections.ConfigDict) -> None:
+    _require("train", train, ("num_steps", "batch_size", "steps_per_call", "log_every",
+                                     "checkpoint_every", "keep_checkpoints"))
+    for name in ("num_steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
+                 "keep_checkpoints"):
+        _int_at_least(train, name, "train", 1)
+    k = train.steps_per_call
+    for name in ("num_steps", "log_every", "checkpoint_every"):
+        if train[name] % k:
+            _fail(f"train.{name}", train[name],
+                  f"must be a multiple of train.steps_per_call = {k} (steps run {k} per host call)")
+    n = jax.device_count()
+    if train.batch_size % n:
+        _fail("train.batch_size", train.batch_size,
+              f"must be divisible by the number of devices ({n}); e.g. {n * max(train.batch_size // n, 1)}")
+
+
+def validate_distributed(train: ml_collections.ConfigDict) -> None:
+    """The multi-host fields; checked before ``jax.distributed.initialize()`` runs."""
+    _require("train", train, ("distributed", "coordinator_address", "num_processes", "process_id"))
+    if not isinstance(train.distributed, bool):
+        _fail("train.distributed", train.distributed, "must be True or False")
+    if train.distributed and train.coordinator_address:
+        _int_at_least(train, "num_processes", "train", 1)
+        if not (isinstance(train.process_id, int) and 0 <= train.process_id < train.num_processes):
+            _fail("train.process_id", train.process_id,
+                  f"must be an integer in [0, train.num_processes = {train.num_processes})")
+
+
+def validate_diffusion(d: ml_collections.ConfigDict) -> None:
+    _require("diffusion", d, ("time", "schedule", "schedule_kwargs", "T", "parameterization",
+                              "variance", "time_input"))
+    _one_of(d, "time", "diffusion", TIMES)
+    _one_of(d, "parameterization", "diffusion", diffusion_lib.PARAMETERIZATIONS)
+    _one_of(d, "variance", "diffusion", diffusion_lib.VARIANCE_TYPES)
+    _one_of(d, "time_input", "diffusion", TIME_INPUTS)
+    kwargs = dict(d.schedule_kwargs)
+    if d.time == "discrete":
+        _one_of(d, "schedule", "diffusion", schedules.DISCRETE_SCHEDULES)
+        _int_at_least(d, "T", "diffusion", 1)
+        try:
+            schedules.discrete_schedule(d.schedule, d.T, **kwargs)
+        except ValueError as e:
+            _fail("diffusion.schedule_kwargs", kwargs, str(e))
+        return
+    _one_of(d, "schedule", "diffusion", CONTINUOUS_SCHEDULES)
+    _int_at_least(d, "T", "diffusion", 0)
+    if diffusion_lib.learns_variance(d.variance):
+        _fail("diffusion.variance", d.variance, "continuous time (the VDM loss) has no reverse variance to "
+              "learn; use 'fixed_small' or 'fixed_large' (they only affect sampling)")
+    try:
+        if d.schedule == "learned":
+            models.LearnedLogSNR(**kwargs)
+        else:
+            fn = schedules.continuous_schedule(d.schedule, **kwargs)
+            ends = [float(fn(0.0)), float(fn(1.0))]
+            if d.time_input == "log_snr" and not all(math.isfinite(v) for v in ends):
+                _fail("diffusion.time_input", "log_snr", f"schedule {d.schedule!r} has log-SNR {ends} at "
+                      "t = 0 and 1; the network needs finite ends, use time_input 't'")
+    except (TypeError, ValueError) as e:
+        if str(e).startswith("config."):
+            raise
+        _fail("diffusion.schedule_kwargs", kwargs, str(e))
+
+
+def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    _require("loss", loss, ("name", "loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
+                            "decoder", "importance_sampling", "history"))
+    if d.time == "continuous":
+        if loss.name != "vdm":
+            _fail("loss.name", loss.name, "continuous time (diffusion.time = 'continuous') trains with 'vdm'")
+        _one_of(loss, "decoder", "loss", ("auto",) + losses.VDM_DECODERS)
+    else:
+        _one_of(loss, "name", "loss", losses.LOSS_KINDS)
+        _one_of(loss, "decoder", "loss", ("auto",) + losses.DECODERS)
+    _one_of(loss, "loss_type", "loss", losses.LOSS_TYPES)
+    _one_of(loss, "weighting", "loss", losses.WEIGHTINGS)
+    _one_of(loss, "target", "loss", ("",) + diffusion_lib.PARAMETERIZATIONS)
+    _number_in(loss, "snr_gamma", "loss", 0.0, float("inf"), low_open=True)
+    _number_in(loss, "hybrid_lambda", "loss", 0.0, float("inf"))
+    _int_at_least(loss, "history", "loss", 1)
+    if loss.loss_type == "l1" and loss.weighting != "none":
+        _fail("loss.weighting", loss.weighting, "loss_type 'l1' allows weighting 'none' only")
+    if loss.name == "simple" and diffusion_lib.learns_variance(d.variance):
+        _fail("loss.name", "simple", f"the simple loss does not train the variance of diffusion.variance = "
+              f"{d.variance!r}; use 'hybrid' or 'vlb', or a fixed variance ('fixed_small', 'fixed_large')")
+    if not isinstance(loss.importance_sampling, bool):
+        _fail("loss.importance_sampling", loss.importance_sampling, "must be True or False")
+    if loss.importance_sampling and (d.time != "discrete" or loss.name != "vlb"):
+        _fail("loss.importance_sampling", True, "importance-sampled t (Nichol & Dhariwal §3.3) applies to "
+              "loss.name = 'vlb' in discrete time")
+
+
+def validate_model(model: ml_collections.ConfigDict) -> None:
+    if "name" not in model or model.name not in models.NETWORKS:
+        _fail("model.name", model.get("name"), f"must be one of {tuple(models.NETWORKS)}")
+    if "time_range" in model:
+        _fail("model.time_range", model.time_range, "is set from diffusion.time_input and the schedule; "
+              "remove it from the model section")
+
+
+def validate_eval(ev: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> None:
+    _require("eval", ev, ("every", "batch_size", "num_batches", "elbo", "elbo_samples", "elbo_chunk"))
+    for name in ("every", "batch_size", "elbo_chunk"):
+        _int_at_least(ev, name, "eval", 1)
+    _int_at_least(ev, "num_batches", "eval", 0)
+    _int_at_least(ev, "elbo_samples", "eval", 2)
+    _one_of(ev, "elbo", "eval", ELBO_METHODS)
+    if ev.every % train.steps_per_call:
+        _fail("eval.every", ev.every, f"must be a multiple of train.steps_per_call = {train.steps_per_call}")
+    n = jax.device_count()
+    if ev.batch_size % n:
+        _fail("eval.batch_size", ev.batch_size, f"must be divisible by the number of devices ({n})")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check every field of a training config; raise ValueError naming the first bad one."""
+    missing = [s for s in SECTIONS if s not in config]
+    if missing:
+        raise ValueError(f"config is missing the section(s) {missing}; a config has {SECTIONS} and seed")
+    if not isinstance(config.get("seed"), int):
+        _fail("seed", config.get("seed"), "must be an integer")
+    validate_distributed(config.train)
+    validate_train(config.train)
+    validate_optim(config.optim)
+    validate_diffusion(config.diffusion)
+    validate_loss(config.loss, config.diffusion)
+    validate_eval(config.eval, config.train)
+    if config.eval.elbo == "exact" and config.diffusion.time != "discrete":
+        _fail("eval.elbo", "exact", "the exact sum over T terms needs diffusion.time = 'discrete'; use 'mc'")
+    validate_model(config.model)
+    data_lib.validate_config(config.data)

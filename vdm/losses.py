@@ -1,0 +1,590 @@
+"""Training objectives and likelihood bounds for diffusion models (pure functions).
+
+Discrete time (Ho et al. 2020; Nichol & Dhariwal 2021), paper indexing t = 1..T:
+
+  -ELBO(x_0) = L_T + sum_{t=2}^T L_{t-1} + L_0                      (Ho et al. eq. 5)
+  L_T      = KL(q(x_T | x_0) || N(0, I))                              the prior term
+  L_{t-1}  = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)),  t >= 2    a diffusion term
+  L_0      = -log p(x_0 | x_1)                                        the decoder
+
+``vlb_term(..., t)`` returns L_{t-1} for t >= 2 and L_0 for t = 1, so
+``sum_{t=1}^T vlb_term(t) + prior_kl`` is the whole bound.
+
+Continuous time (Kingma et al. 2021, "Variational Diffusion Models"): the
+diffusion loss eq. 17 and its T-step form eq. 15, with the prior term and the
+VDM categorical decoder for 8-bit data.
+
+Units: every likelihood quantity is in nats per example (summed over the data
+dimensions) unless a name says bits per dimension. The model function is
+``model_fn(x_t, t) -> output`` with ``t`` of shape [B] (integer 1..T for the
+discrete losses, float in [0, 1] for ``vdm_loss``); close over parameters and
+class labels before passing it in.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import log_ndtr
+
+from vdm import diffusion
+from vdm import schedules
+
+LOSS_KINDS = ("simple", "hybrid", "vlb")
+LOSS_TYPES = ("l2", "l1")
+WEIGHTINGS = ("none", "elbo", "snr", "truncated_snr", "min_snr")
+DECODERS = ("discretized", "gaussian")                   # p(x_0 | x_1) of the discrete ELBO
+VDM_DECODERS = ("categorical", "discretized", "gaussian")  # p(x | z_0) of vdm_loss
+
+BIN_WIDTH_8BIT = 2.0 / 255.0  # 8-bit data scaled to [-1, 1]: x = k / 127.5 - 1, k = 0..255
+_MIDPOINT_THRESHOLD = 5e-3    # see discretized_gaussian_log_likelihood
+
+
+def _check_choice(argument: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{argument} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _sum_dims(x):
+    """Sum over every axis but the batch axis: [B, ...] -> [B]."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
+def _mean_dims(x):
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _num_dims(x) -> int:
+    return math.prod(x.shape[1:])
+
+
+def bits_per_dim(nats, num_dims: int):
+    """Convert nats per example into bits per dimension: nats / (num_dims ln 2)."""
+    if not isinstance(num_dims, int) or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return nats / (num_dims * math.log(2.0))
+
+
+# ---------------------------------------------------------------------------
+# Gaussian KL and the prior term.
+# ---------------------------------------------------------------------------
+
+
+def gaussian_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats:
+
+    0.5 (logvar2 - logvar1 + e^{logvar1 - logvar2} - 1 + (mean1 - mean2)^2 e^{-logvar2}),
+    with e^d - 1 written expm1(d) so that equal variances give exactly 0.
+    """
+    d = logvar1 - logvar2
+    return 0.5 * (jnp.expm1(d) - d + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def prior_kl(x0, log_snr_T):
+    """The prior term L_T = KL(q(x_T | x_0) || N(0, I)) (Ho et al. eq. 5; Kingma et al. eq. 10),
+    summed over the data dimensions: shape [B], nats. ``log_snr_T`` is a scalar or [B]."""
+    lam = diffusion._bcast(log_snr_T, x0)
+    mean, _ = diffusion.q_xt_given_x0(x0, lam)
+    logvar = jnp.broadcast_to(jax.nn.log_sigmoid(-lam), x0.shape)
+    return _sum_dims(gaussian_kl(mean, logvar, 0.0, 0.0))
+
+
+# ---------------------------------------------------------------------------
+# Decoders: log p(x_0 | ...) elementwise, in nats.
+# ---------------------------------------------------------------------------
+
+
+def gaussian_log_likelihood(x, mean, log_scale):
+    """log N(x; mean, e^{2 log_scale}) elementwise, for continuous (real-valued) data."""
+    z = (x - mean) * jnp.exp(-log_scale)
+    return -0.5 * (jnp.square(z) + math.log(2.0 * math.pi)) - log_scale
+
+
+def _log1mexp(d):
+    """log(1 - e^d) for d <= 0."""
+    return jnp.log(-jnp.expm1(d))
+
+
+def _log_ndtr_diff(a, b):
+    """log(Phi(b) - Phi(a)) for a < b (a may be -inf, b may be +inf), without cancellation.
+
+    Both CDFs are evaluated in the tail where they are small (reflecting the
+    interval when its midpoint is positive), and the difference is taken in log
+    space: log Phi(hi) + log(1 - Phi(lo)/Phi(hi)).
+    """
+    flip = a + b > 0
+    lo = jnp.where(flip, -b, a)
+    hi = jnp.where(flip, -a, b)
+    log_hi = log_ndtr(hi)
+    return log_hi + _log1mexp(log_ndtr(lo) - log_hi)
+
+
+def discretized_gaussian_log_likelihood(x0, mean, log_scale, bin_width: float = BIN_WIDTH_8BIT):
+    """log P(x0) for data on a grid of spacing ``bin_width`` in [-1, 1] (8-bit images:
+    2/255) under a Gaussian N(mean, e^{2 log_scale}) integrated over the bin
+    (Ho et al. 2020, eq. 13), elementwise, in nats:
+
+      P(x) = Phi((x + w/2 - mean)/scale) - Phi((x - w/2 - mean)/scale),
+
+    where the bin at x = -1 extends to -inf and the bin at x = +1 to +inf.
+
+    Numerics: the CDF difference is computed exactly in log space from
+    ``log_ndtr`` in the tail where both CDFs are small, so it stays accurate far
+    into the tails (where Ho et al.'s code floors the probability at 1e-12).
+    When the bin is narrow relative to the scale (w/2 / scale * max(1, |z|) <
+    5e-3) the difference of two nearly equal CDFs would lose float32 digits;
+    there we use the midpoint rule P = pdf(z) w / scale, whose relative error
+    (w/scale)^2 |z^2 - 1| / 24 is below 1e-5 in that region.
+    """
+    diffusion._check_same_shape(x0=x0, mean=mean)
+    inv_scale = jnp.exp(-log_scale)
+    z = (x0 - mean) * inv_scale
+    half = 0.5 * bin_width * inv_scale
+    lower_edge = x0 < -1.0 + 0.5 * bin_width
+    upper_edge = x0 > 1.0 - 0.5 * bin_width
+    narrow = (half * jnp.maximum(1.0, jnp.abs(z)) < _MIDPOINT_THRESHOLD) & ~lower_edge & ~upper_edge
+    half_safe = jnp.where(narrow, 1.0, half)  # keeps the unused exact branch away from log(0)
+    a = jnp.where(lower_edge, -jnp.inf, z - half_safe)
+    b = jnp.where(upper_edge, jnp.inf, z + half_safe)
+    exact = _log_ndtr_diff(a, b)
+    midpoint = -0.5 * (jnp.square(z) + math.log(2.0 * math.pi)) + math.log(bin_width) - log_scale
+    return jnp.where(narrow, midpoint, exact)
+
+
+def vdm_categorical_decoder_log_likelihood(x0, z0, log_snr_0, num_bins: int = 256):
+    """log p(x0 | z_0) of the VDM decoder (Kingma et al. 2021, App. C / eq. 26), elementwise:
+
+      p(x_i = k | z_{0,i}) proportional to q(z_{0,i} | x_i = k) = N(z_{0,i}; alpha_0 v_k, sigma_0^2),
+
+    a softmax over the ``num_bins`` grid values v_k = 2k / (num_bins - 1) - 1 that
+    the data take (8-bit data scaled as x / 127.5 - 1). ``x0`` must lie on that
+    grid; ``z0`` is a sample of q(z_0 | x0) at level ``log_snr_0`` (scalar or [B]).
+    """
+    diffusion._check_same_shape(x0=x0, z0=z0)
+    if not isinstance(num_bins, int) or num_bins < 2:
+        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    lam = diffusion._bcast(log_snr_0, z0)
+    alpha, sigma = diffusion.alpha_sigma(lam)
+    grid = jnp.linspace(-1.0, 1.0, num_bins, dtype=z0.dtype)
+    logits = -0.5 * jnp.square((z0[..., None] - alpha[..., None] * grid) / sigma[..., None])
+    k = jnp.clip(jnp.round((x0 + 1.0) * (num_bins - 1) / 2.0), 0, num_bins - 1).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(log_probs, k[..., None], axis=-1)[..., 0]
+
+
+def _decoder_nll(decoder: str, x0, mean, log_scale):
+    """-log p(x0 | .) summed over dimensions, for the Gaussian decoders of DECODERS."""
+    if decoder == "discretized":
+        return -_sum_dims(discretized_gaussian_log_likelihood(x0, mean, log_scale))
+    return -_sum_dims(gaussian_log_likelihood(x0, mean, log_scale))
+
+
+# ---------------------------------------------------------------------------
+# Simple (regression) losses.
+# ---------------------------------------------------------------------------
+
+
+def _log_x0_error_factor(target: str, log_snr_t):
+    """log c with ||x0 - x0_hat||^2 = c ||y - y_hat||^2 for a prediction y in ``target`` space:
+    eps: sigma^2/alpha^2, x0: 1, v: sigma^2, score: sigma^4/alpha^2 (at fixed x_t)."""
+    log_s2, log_a2 = jax.nn.log_sigmoid(-log_snr_t), jax.nn.log_sigmoid(log_snr_t)
+    return {"eps": -log_snr_t, "x0": jnp.zeros_like(log_snr_t), "v": log_s2,
+            "score": 2.0 * log_s2 - log_a2}[target]
+
+
+def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None):
+    """log of w in L_{s|t} = w ||x0 - x0_hat||^2, the KL between q(x_s | x_t, x0) and a
+    reverse step with the same mean form at x0_hat and variance e^log_variance
+    (mean part only; Ho et al. eq. 8, Kingma et al. eq. 13):
+
+      w = alpha_s^2 (1 - SNR_t/SNR_s)^2 / (2 e^log_variance).
+
+    ``log_variance`` defaults to the posterior one (fixed_small; the forward
+    variance when s is the data level, see diffusion.reverse_log_variance_bounds),
+    where w = (SNR_s - SNR_t) / 2.
+    """
+    if log_variance is None:
+        log_variance, _ = diffusion.reverse_log_variance_bounds(log_snr_s, log_snr_t)
+    return (jax.nn.log_sigmoid(log_snr_s) + 2.0 * _log1mexp(log_snr_t - log_snr_s)
+            - math.log(2.0) - log_variance)
+
+
+def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: str | None = None,
+                loss_type: str = "l2", weighting: str = "none", snr_gamma: float = 5.0, *,
+                log_snr_s=None, log_variance=None):
+    """Regression loss on the prediction, mean over data dimensions: shape [B].
+
+    ``output`` (the model's prediction part, x_t's shape) is read in
+    ``parameterization`` and compared in ``target`` space (default: the same),
+    with the target computed from the true (x0, eps). L2 (Ho et al. L_simple,
+    eq. 14) or L1. ``weighting`` multiplies the per-example L2 loss so that it
+    equals w(lambda_t) * mean ||x0 - x0_hat||^2 with
+      none:           1 (no reweighting: plain MSE in target space),
+      snr:            SNR_t (Kingma et al. 2021; eps-MSE times SNR = x0-MSE),
+      truncated_snr:  max(SNR_t, 1) (Salimans & Ho 2022, §4),
+      min_snr:        min(SNR_t, snr_gamma) (Hang et al. 2023),
+      elbo:           the KL weight of ``elbo_log_weight(log_snr_s, log_snr_t, log_variance)``;
+                      then num_dims * loss = L_{t-1} of ``vlb_term`` exactly for fixed_small
+                      and up to a model-independent constant for fixed_large
+                      (pass its log-variance). Needs ``log_snr_s`` (the previous level).
+    Reweighting is defined for L2 only; l1 takes weighting "none".
+    """
+    diffusion.check_parameterization(parameterization)
+    target = parameterization if target is None else target
+    _check_choice("target", target, diffusion.PARAMETERIZATIONS)
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    if loss_type == "l1" and weighting != "none":
+        raise ValueError(f"weighting {weighting!r} is defined for loss_type 'l2'; "
+                         f"loss_type 'l1' allows weighting 'none'")
+    if weighting == "elbo" and log_snr_s is None:
+        raise ValueError("weighting 'elbo' needs log_snr_s, the log-SNR of the previous level")
+    if weighting == "min_snr" and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
+    diffusion._check_same_shape(output=output, x0=x0, eps=eps, x_t=x_t)
+
+    pred = diffusion.convert(output, x_t, log_snr_t, parameterization, target)
+    true = diffusion.output_from_x0_eps(x0, eps, x_t, log_snr_t, target)
+    err = pred - true
+    per_example = _mean_dims(jnp.square(err) if loss_type == "l2" else jnp.abs(err))
+    if weighting == "none":
+        return per_example
+    lam = jnp.asarray(log_snr_t, per_example.dtype)
+    log_w = {
+        "snr": lambda: lam,
+        "truncated_snr": lambda: jnp.maximum(lam, 0.0),
+        "min_snr": lambda: jnp.minimum(lam, math.log(snr_gamma)),
+        "elbo": lambda: elbo_log_weight(log_snr_s, lam, log_variance),
+    }[weighting]()
+    return jnp.exp(log_w + _log_x0_error_factor(target, lam)) * per_example
+
+
+# ---------------------------------------------------------------------------
+# The variational bound, one term at a time.
+# ---------------------------------------------------------------------------
+
+
+def vlb_term(output, x0, x_t, t, schedule: schedules.DiscreteSchedule, parameterization: str,
+             variance_type: str, decoder: str = "discretized", *, stop_grad_mean: bool = False):
+    """The VLB term at integer timesteps t (shape [B], values 1..T), in nats per example [B]:
+
+      t >= 2:  L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))   (Ho et al. eq. 5)
+      t =  1:  L_0     = -log p(x_0 | x_1), the ``decoder``:
+               "discretized" (8-bit data, Ho et al. eq. 13) or "gaussian" (real-valued data).
+
+    The reverse step comes from ``diffusion.p_mean_variance`` with any variance
+    type: fixed_small, fixed_large, learned_range (Nichol & Dhariwal eq. 15) or
+    a free learned log-variance. ``stop_grad_mean`` stops the gradient through
+    the mean prediction so that this term trains only the variance (the L_vlb
+    part of Nichol & Dhariwal's hybrid loss, §3.1).
+    """
+    diffusion.check_parameterization(parameterization)
+    diffusion.check_variance_type(variance_type)
+    _check_choice("decoder", decoder, DECODERS)
+    diffusion._check_same_shape(x0=x0, x_t=x_t)
+    schedules.check_timesteps(t, schedule.T)
+    t = jnp.asarray(t)
+    if t.shape != x0.shape[:1]:
+        raise ValueError(f"t must have shape [B] = {x0.shape[:1]}, got {t.shape}")
+    pred, var_out = diffusion.split_variance_output(output, variance_type)
+    if pred.shape != x0.shape:
+        raise ValueError(f"output must have x0's shape {x0.shape} (last axis doubled for variance "
+                         f"type {variance_type!r}), got {output.shape}")
+    if stop_grad_mean:
+        pred = jax.lax.stop_gradient(pred)
+    if var_out is not None:
+        pred = jnp.concatenate([pred, var_out], axis=-1)
+    lam_s, lam_t = schedule.log_snr[t - 1], schedule.log_snr[t]
+    mean_p, logvar_p, _ = diffusion.p_mean_variance(pred, x_t, lam_s, lam_t, parameterization,
+                                                    variance_type)
+    mean_q, _, logvar_q = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+    first = diffusion._bcast(t == 1, x0)
+    logvar_q = jnp.where(first, 0.0, logvar_q)  # the t = 1 posterior is a point mass (no KL)
+    kl = _sum_dims(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p))
+    nll = _decoder_nll(decoder, x0, mean_p, 0.5 * logvar_p)
+    return jnp.where(t == 1, nll, kl)
+
+
+# ---------------------------------------------------------------------------
+# Importance sampling of t from a loss history (Nichol & Dhariwal 2021, §3.3).
+# ---------------------------------------------------------------------------
+
+
+class LossHistory(NamedTuple):
+    """The last ``history`` values of the VLB term per timestep: row t - 1 holds timestep t."""
+
+    losses: jax.Array  # [T, history] float32, a ring buffer per timestep
+    counts: jax.Array  # [T] int32, values seen per timestep
+
+
+def loss_history_init(T: int, history: int = 10) -> LossHistory:
+    """An empty loss history for timesteps 1..T (Nichol & Dhariwal keep 10 values per t)."""
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    if not isinstance(history, int) or history < 1:
+        raise ValueError(f"history must be an integer >= 1, got {history!r}")
+    return LossHistory(jnp.zeros((T, history), jnp.float32), jnp.zeros((T,), jnp.int32))
+
+
+def loss_history_update(state: LossHistory, t, losses) -> LossHistory:
+    """Record losses[i] for timestep t[i] (in order; repeated timesteps each count)."""
+    T, history = state.losses.shape
+
+    def push(s, tl):
+        ti, li = tl
+        row = ti - 1
+        buf = s.losses.at[row, s.counts[row] % history].set(li)
+        return LossHistory(buf, s.counts.at[row].add(1)), None
+
+    state, _ = jax.lax.scan(push, state, (jnp.asarray(t, jnp.int32),
+                                          jax.lax.stop_gradient(jnp.asarray(losses, jnp.float32))))
+    return state
+
+
+def loss_history_probs(state: LossHistory, uniform_prob: float = 1e-3):
+    """p(t) for t = 1..T, shape [T]: proportional to sqrt(E[L_t^2]) over the history,
+    mixed with uniform_prob of the uniform distribution (Nichol & Dhariwal §3.3 and their
+    code); uniform until every timestep has a full history."""
+    T, history = state.losses.shape
+    rms = jnp.sqrt(jnp.mean(jnp.square(state.losses), axis=1))
+    p = rms / jnp.sum(rms)
+    p = (1.0 - uniform_prob) * p + uniform_prob / T
+    warm = jnp.all(state.counts >= history)
+    return jnp.where(warm, p, jnp.full((T,), 1.0 / T))
+
+
+def loss_history_sample(state: LossHistory, key, batch: int):
+    """Sample ``batch`` timesteps t ~ p(t) (``loss_history_probs``) and their importance
+    weights 1 / (T p(t)), so that E[weight * L_t] = mean_t L_t. Returns (t int32 [batch],
+    weights float32 [batch])."""
+    p = loss_history_probs(state)
+    T = p.shape[0]
+    idx = jax.random.categorical(key, jnp.log(p), shape=(batch,))
+    return (idx + 1).astype(jnp.int32), 1.0 / (T * p[idx])
+
+
+# ---------------------------------------------------------------------------
+# Discrete-time training loss.
+# ---------------------------------------------------------------------------
+
+
+def _check_discrete_args(parameterization, variance_type, decoder, x0):
+    diffusion.check_parameterization(parameterization)
+    diffusion.check_variance_type(variance_type)
+    _check_choice("decoder", decoder, DECODERS)
+    if jnp.ndim(x0) < 2:
+        raise ValueError(f"x0 must have shape [B, ...] with at least one data axis, got {jnp.shape(x0)}")
+
+
+def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSchedule, *,
+                  kind: str = "simple", parameterization: str = "eps",
+                  variance_type: str = "fixed_small", loss_type: str = "l2",
+                  weighting: str = "none", target: str | None = None, snr_gamma: float = 5.0,
+                  hybrid_lambda: float = 1e-3, decoder: str = "discretized", t=None, weights=None):
+    """One Monte-Carlo sample of the discrete-time training loss per example.
+
+    t ~ U{1..T} (or the given timesteps ``t`` with importance ``weights``, e.g. from
+    ``loss_history_sample``), x_t ~ q(x_t | x_0), output = model_fn(x_t, t). ``kind``:
+      simple: ``simple_loss`` (Ho et al. eq. 14 and its weightings);
+      hybrid: simple + hybrid_lambda * L_vlb with the mean's gradient stopped in L_vlb
+              (Nichol & Dhariwal §3.1, lambda = 1e-3); L_vlb = T * vlb_term in bits per
+              dimension, as in their code, estimates the whole bound sum_t L_t;
+      vlb:    (prior_kl + T * vlb_term) in bits per dimension, an unbiased estimate of the
+              -ELBO (use importance-sampled t to reduce its variance, §3.3).
+    The per-example loss is multiplied by ``weights`` (default 1). Returns (loss [B],
+    metrics) with metrics t [B], vlb_term [B] (nats, no gradient; feed it to
+    ``loss_history_update``) and simple [B] when computed.
+    """
+    _check_choice("kind", kind, LOSS_KINDS)
+    _check_discrete_args(parameterization, variance_type, decoder, x0)
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    if kind == "simple" and diffusion.learns_variance(variance_type):
+        raise ValueError(f"kind 'simple' does not train the variance of variance_type "
+                         f"{variance_type!r}; use kind 'hybrid' or 'vlb', or variance_type "
+                         f"'fixed_small' or 'fixed_large'")
+    B, T = x0.shape[0], schedule.T
+    key_t, key_eps = jax.random.split(key)
+    if t is None:
+        if weights is not None:
+            raise ValueError("weights need the timesteps t they belong to")
+        t = jax.random.randint(key_t, (B,), 1, T + 1)
+    else:
+        schedules.check_timesteps(t, T)
+        if jnp.shape(t) != (B,):
+            raise ValueError(f"t must have shape [B] = ({B},), got {jnp.shape(t)}")
+    if weights is not None and jnp.shape(weights) != (B,):
+        raise ValueError(f"weights must have shape [B] = ({B},), got {jnp.shape(weights)}")
+    t = jnp.asarray(t, jnp.int32)
+
+    lam_s, lam_t = schedule.log_snr[t - 1], schedule.log_snr[t]
+    x_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t)
+    output = model_fn(x_t, t)
+    pred, _ = diffusion.split_variance_output(output, variance_type)
+    metrics = {"t": t}
+    term = vlb_term(output, x0, x_t, t, schedule, parameterization, variance_type, decoder,
+                    stop_grad_mean=(kind == "hybrid"))
+    metrics["vlb_term"] = jax.lax.stop_gradient(term)
+    to_bpd = 1.0 / (_num_dims(x0) * math.log(2.0))
+    if kind == "vlb":
+        loss = (prior_kl(x0, schedule.log_snr[T]) + T * term) * to_bpd
+    else:
+        log_variance = (diffusion.reverse_log_variance_bounds(lam_s, lam_t)[1]
+                        if variance_type == "fixed_large" else None)
+        simple = simple_loss(pred, x0, eps, x_t, lam_t, parameterization, target, loss_type,
+                             weighting, snr_gamma, log_snr_s=lam_s, log_variance=log_variance)
+        metrics["simple"] = simple
+        loss = simple if kind == "simple" else simple + hybrid_lambda * T * term * to_bpd
+    if weights is not None:
+        loss = loss * weights
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------
+# The discrete ELBO: exact sum over all T terms, and its Monte-Carlo estimate.
+# ---------------------------------------------------------------------------
+
+
+def discrete_elbo(model_fn: Callable, key, x0, schedule: schedules.DiscreteSchedule, *,
+                  parameterization: str = "eps", variance_type: str = "fixed_small",
+                  decoder: str = "discretized", chunk: int = 1):
+    """-ELBO(x_0) with every one of its T + 1 terms (Ho et al. eq. 5), nats per example.
+
+    Each term draws its own x_t ~ q(x_t | x_0) (key folded with t). The T terms are
+    evaluated ``chunk`` timesteps at a time (one model call on chunk * B inputs) in a
+    ``lax.map``, so memory does not grow with T. Returns a dict of
+      prior [B]:        L_T = KL(q(x_T | x_0) || N(0, I)),
+      diffusion [B, T]: column t - 1 holds L_{t-1} for t = 2..T; column 0 is 0,
+      decoder [B]:      L_0 = -log p(x_0 | x_1),
+      total [B]:        prior + diffusion.sum(-1) + decoder.
+    """
+    _check_discrete_args(parameterization, variance_type, decoder, x0)
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    B, T = x0.shape[0], schedule.T
+    chunk = min(chunk, T)
+    n_chunks = -(-T // chunk)
+    ts = jnp.minimum(jnp.arange(1, n_chunks * chunk + 1, dtype=jnp.int32), T).reshape(n_chunks, chunk)
+
+    def terms_at(tc):
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, tc)
+        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape, x0.dtype))(keys)
+        t_flat = jnp.repeat(tc, B)
+        x0_flat = jnp.broadcast_to(x0, (chunk,) + x0.shape).reshape((chunk * B,) + x0.shape[1:])
+        x_t, _ = diffusion.sample_q_xt_given_x0(None, x0_flat, schedule.log_snr[t_flat],
+                                                eps.reshape(x0_flat.shape))
+        out = model_fn(x_t, t_flat)
+        return vlb_term(out, x0_flat, x_t, t_flat, schedule, parameterization, variance_type,
+                        decoder).reshape(chunk, B)
+
+    terms = jax.lax.map(terms_at, ts).reshape(n_chunks * chunk, B)[:T].T  # [B, T]
+    prior = prior_kl(x0, schedule.log_snr[T])
+    decoder_nll = terms[:, 0]
+    diff = terms.at[:, 0].set(0.0)
+    return dict(prior=prior, diffusion=diff, decoder=decoder_nll,
+                total=prior + jnp.sum(diff, axis=1) + decoder_nll)
+
+
+def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSchedule,
+                     num_samples: int, *, parameterization: str = "eps",
+                     variance_type: str = "fixed_small", decoder: str = "discretized",
+                     importance=None):
+    """Unbiased Monte-Carlo estimate of -ELBO(x_0) (nats per example) from ``num_samples``
+    timesteps per example: prior + mean_k L_{t_k - 1} / p(t_k), t_k ~ p.
+
+    p is uniform (importance=None) or the given probabilities over t = 1..T, shape [T]
+    (e.g. ``loss_history_probs``; Nichol & Dhariwal §3.3). Returns a dict of total [B]
+    (the estimate), stderr [B] (its standard error over the samples), prior [B] and
+    samples [num_samples, B] (the per-sample estimates of sum_t L_{t-1}).
+    """
+    _check_discrete_args(parameterization, variance_type, decoder, x0)
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2 (for the standard error), "
+                         f"got {num_samples!r}")
+    B, T = x0.shape[0], schedule.T
+    if importance is None:
+        p = jnp.full((T,), 1.0 / T, jnp.float32)
+    else:
+        p = jnp.asarray(importance, jnp.float32)
+        if p.shape != (T,):
+            raise ValueError(f"importance must be probabilities over t = 1..T, shape ({T},), "
+                             f"got {p.shape}")
+        p = p / jnp.sum(p)
+
+    def one(k):
+        k_t, k_eps = jax.random.split(k)
+        t = jax.random.categorical(k_t, jnp.log(p), shape=(B,)).astype(jnp.int32) + 1
+        x_t, _ = diffusion.sample_q_xt_given_x0(k_eps, x0, schedule.log_snr[t])
+        term = vlb_term(model_fn(x_t, t), x0, x_t, t, schedule, parameterization,
+                        variance_type, decoder)
+        return term / p[t - 1]
+
+    samples = jax.lax.map(one, jax.random.split(key, num_samples))  # [num_samples, B]
+    prior = prior_kl(x0, schedule.log_snr[T])
+    stderr = jnp.std(samples, axis=0, ddof=1) / math.sqrt(num_samples)
+    return dict(total=prior + jnp.mean(samples, axis=0), stderr=stderr, prior=prior,
+                samples=samples)
+
+
+# ---------------------------------------------------------------------------
+# The VDM loss (Kingma et al. 2021): continuous time and its T-step form.
+# ---------------------------------------------------------------------------
+
+
+def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
+             antithetic: bool = True, parameterization: str = "eps",
+             decoder: str = "categorical", num_bins: int = 256):
+    """-ELBO of a VDM (Kingma et al. 2021, eqs. 10-11), one Monte-Carlo sample per example,
+    in nats: prior + diffusion + decoder, each [B].
+
+    ``log_snr_fn(t)`` maps t in [0, 1] (elementwise) to lambda(t) = -gamma(t); it may close
+    over learned schedule parameters, through which gradients flow. ``model_fn(z_t, t)``
+    gets the continuous t [B] and predicts in ``parameterization``.
+      diffusion, T = 0 (eq. 17): 0.5 * (-dlambda/dt) * ||eps - eps_hat(z_t; t)||^2, t ~ U(0, 1);
+      diffusion, T > 0 (eq. 15, written in eps): 0.5 T expm1(lambda_s - lambda_t) ||eps - eps_hat||^2
+                 with t = i/T, s = (i - 1)/T, i ~ U{1..T};
+      prior:     KL(q(z_1 | x) || N(0, I)) at lambda(1);
+      decoder:   -log p(x | z_0), z_0 ~ q(z_0 | x): "categorical" (8-bit data, App. C),
+                 "discretized" (Ho et al. eq. 13 at mean z_0/alpha_0, scale sigma_0/alpha_0)
+                 or "gaussian" (real-valued data, N(z_0/alpha_0, sigma_0^2/alpha_0^2)).
+    ``antithetic`` spreads the batch's times evenly: t_i = (u + i/B) mod 1 (Kingma et al.
+    App. I.1, low-discrepancy sampler). Returns (total [B], metrics) with metrics prior,
+    diffusion, decoder and t, each [B].
+    """
+    diffusion.check_parameterization(parameterization)
+    _check_choice("decoder", decoder, VDM_DECODERS)
+    if not isinstance(T, int) or isinstance(T, bool) or T < 0:
+        raise ValueError(f"T must be 0 (continuous time) or a positive integer, got {T!r}")
+    if jnp.ndim(x0) < 2:
+        raise ValueError(f"x0 must have shape [B, ...] with at least one data axis, got {jnp.shape(x0)}")
+    B = x0.shape[0]
+    key_t, key_eps, key_0 = jax.random.split(key, 3)
+    if antithetic:
+        u = jnp.mod(jax.random.uniform(key_t, ()) + jnp.arange(B) / B, 1.0)
+    else:
+        u = jax.random.uniform(key_t, (B,))
+
+    if T == 0:
+        t = u
+        lam_t, dlam_dt = schedules.log_snr_and_derivative(log_snr_fn, t)
+        weight = -0.5 * dlam_dt
+    else:
+        i = jnp.clip(jnp.ceil(u * T), 1, T)
+        t = i / T
+        lam_t = log_snr_fn(t)
+        weight = 0.5 * T * jnp.expm1(log_snr_fn((i - 1) / T) - lam_t)
+    z_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t)
+    _, eps_hat = diffusion.x0_eps_from_output(model_fn(z_t, t), z_t, lam_t, parameterization)
+    diff = weight * _sum_dims(jnp.square(eps - eps_hat))
+
+    prior = prior_kl(x0, log_snr_fn(jnp.float32(1.0)))
+    lam_0 = log_snr_fn(jnp.float32(0.0))
+    z_0, _ = diffusion.sample_q_xt_given_x0(key_0, x0, lam_0)
+    if decoder == "categorical":
+        dec = -_sum_dims(vdm_categorical_decoder_log_likelihood(x0, z_0, lam_0, num_bins))
+    else:
+        alpha_0, _ = diffusion.alpha_sigma(lam_0)
+        dec = _decoder_nll(decoder, x0, z_0 / alpha_0, jnp.broadcast_to(-0.5 * lam_0, x0.shape))
+    return prior + diff + dec, dict(prior=prior, diffusion=diff, decoder=dec, t=t)

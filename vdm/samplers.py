@@ -1,0 +1,721 @@
+"""Samplers: pure one-step updates composed by ``lax.scan`` drivers.
+
+Every sampler walks a ``Grid`` of noise levels from the most noisy to the data:
+``grid.times`` holds the model's own time (int32 timesteps of a discrete
+schedule, float32 t in [0, 1] of a continuous one) and ``grid.log_snr`` the
+levels' log-SNR; the last entry is always the data level (time 0, log-SNR +inf).
+A step goes from level t to the next level s < t and reads the log-SNR of both,
+so strided and respaced chains recompute their variances from the log-SNR table
+(``vdm.diffusion.p_mean_variance``, ``q_posterior``) and continuous time works
+with any number of steps. The scan body is traced once, so the compile does not
+grow with the number of steps; the step arrays are traced arguments.
+
+The samplers (``SAMPLERS``):
+  ancestral  Ho et al. 2020 Alg. 2 with any variance type; on a subsequence it is
+             Nichol & Dhariwal 2021 §4 respacing; in continuous time the VDM sampler
+             (Kingma et al. 2021, App. A.4).
+  ddim       Song et al. 2021 (DDIM) eq. 12 with eta in [0, 1].
+  langevin   Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1).
+  pc         Predictor-corrector (Song et al. 2021, SDE paper, Alg. 2 / Alg. 5).
+  ode        The probability-flow ODE, Euler or Heun (Karras et al. 2022, Alg. 1).
+``encode`` integrates the same ODE upwards (DDIM inversion: x_0 -> x_T).
+
+VP and VE. The model sees the variance-preserving x_t = alpha x_0 + sigma eps.
+Its data-scaled version y = x_t / alpha = x_0 + (sigma / alpha) eps is the
+variance-exploding variable of Song & Ermon and Karras et al., with noise level
+sigma_ve = sigma / alpha = exp(-lambda / 2) and score grad_y log q(y) =
+-eps_hat / sigma_ve. Langevin dynamics and the ODE are written in y (see
+their docstrings); the carried state is always x_t.
+
+Randomness is per example: ``keys`` has one key per example and the noise of
+step i for example b comes from ``fold_in(keys[b], i)``, so a sample does not
+depend on the batch it was drawn in nor on the number of devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from vdm import diffusion
+from vdm.schedules import DiscreteSchedule
+
+SAMPLERS = ("ancestral", "ddim", "langevin", "pc", "ode")
+SCORE_SAMPLERS = ("langevin", "pc", "ode")
+DISCRETE_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "karras")
+CONTINUOUS_SPACINGS = ("linspace", "karras")
+ODE_METHODS = ("euler", "heun")
+KARRAS_SIGMA_MIN = 0.002  # Karras et al. 2022, Table 1
+
+
+# ---------------------------------------------------------------------------
+# Grids of noise levels.
+# ---------------------------------------------------------------------------
+
+
+def _check_int(name, value, lo):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+
+
+def timestep_spacing(T: int, num_steps: int, spacing: str = "linspace") -> np.ndarray:
+    """An increasing subsequence of num_steps distinct timesteps of 1..T (int32).
+
+      linspace   round(linspace(T, 1, num_steps)): both ends included (Nichol & Dhariwal 2021 §4)
+      leading    1 + k floor(T / num_steps), k = 0..num_steps-1 (DDIM's "uniform", starts at t = 1)
+      trailing   round(T - k T / num_steps): ends at T (Lin et al. 2024, Table 2)
+      quadratic  1 + floor(k^2 0.8 T / (num_steps - 1)^2) (DDIM code, "quad"; dense at low noise)
+    """
+    _check_int("T", T, 1)
+    _check_int("num_steps", num_steps, 1)
+    if num_steps > T:
+        raise ValueError(f"num_steps={num_steps} is more than the T={T} steps of the schedule")
+    k = np.arange(num_steps)
+    if spacing == "linspace":
+        t = np.round(np.linspace(T, 1, num_steps))[::-1]
+    elif spacing == "leading":
+        t = 1 + k * (T // num_steps)
+    elif spacing == "trailing":
+        t = np.round(T - k * T / num_steps)[::-1]
+    elif spacing == "quadratic":
+        t = 1 + np.floor(np.linspace(0.0, np.sqrt(0.8 * T), num_steps) ** 2)
+    else:
+        raise ValueError(f"spacing must be one of {DISCRETE_SPACINGS[:-1]}, got {spacing!r}")
+    t = t.astype(np.int32)
+    if np.any(np.diff(t) <= 0):
+        raise ValueError(f"{spacing} spacing of {num_steps} steps repeats timesteps of a T={T} "
+                         "schedule; use fewer steps or another spacing")
+    return t
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    i = 0..N-1, decreasing from sigma_max to sigma_min (float64). rho = 1 is uniform in sigma."""
+    _check_int("num_steps", num_steps, 1)
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    frac = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + frac * (b - a)) ** rho
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def invert_log_snr(log_snr_fn: Callable, log_snr):
+    """t in [0, 1] with log_snr_fn(t) = log_snr, by bisection (log_snr_fn is strictly decreasing)."""
+    log_snr = jnp.asarray(log_snr, jnp.float32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = log_snr_fn(mid) > log_snr  # the target lies at larger t
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = lax.fori_loop(0, 40, halve, (jnp.zeros_like(log_snr), jnp.ones_like(log_snr)))
+    return 0.5 * (lo + hi)
+
+
+class Grid(NamedTuple):
+    """Levels from the most noisy to the data: model times and log-SNR, length num_steps + 1.
+
+    The last entry is the data level: time 0, log-SNR +inf. A pytree, so a grid
+    is passed to compiled drivers as traced arrays.
+    """
+
+    times: jax.Array
+    log_snr: jax.Array
+
+
+def _sigma_ve(log_snr):
+    return np.exp(-0.5 * np.asarray(log_snr, np.float64))
+
+
+def time_grid(num_steps: int, *, schedule: DiscreteSchedule | None = None,
+              log_snr_fn: Callable | None = None, spacing: str = "linspace", rho: float = 7.0,
+              sigma_min: float | None = None, sigma_max: float | None = None) -> Grid:
+    """The grid of num_steps noisy levels (plus the data level) a sampler visits.
+
+    Discrete ``schedule``: timesteps from ``timestep_spacing``, or with
+    spacing="karras" the timesteps whose sigma_ve = exp(-lambda/2) are nearest
+    (in log) to the Karras rho-grid between sigma_min and sigma_max (default:
+    the schedule's own range, t = 1 and t = T). Continuous ``log_snr_fn``:
+    "linspace" is t = i / num_steps, i = num_steps..1 (Kingma et al. 2021); "karras"
+    maps the rho-grid to times with ``invert_log_snr`` (sigma_min defaults to
+    max(sigma_ve(t=0), 0.002), sigma_max to sigma_ve(t=1)).
+    """
+    if (schedule is None) == (log_snr_fn is None):
+        raise ValueError("give exactly one of schedule (a DiscreteSchedule) or log_snr_fn (continuous time)")
+    _check_int("num_steps", num_steps, 1)
+    if spacing != "karras" and (sigma_min is not None or sigma_max is not None):
+        raise ValueError("sigma_min / sigma_max set the Karras grid; they need spacing='karras'")
+    if schedule is not None:
+        if not isinstance(schedule, DiscreteSchedule):
+            raise ValueError(f"schedule must be a DiscreteSchedule, got {type(schedule).__name__}")
+        if spacing not in DISCRETE_SPACINGS:
+            raise ValueError(f"spacing must be one of {DISCRETE_SPACINGS}, got {spacing!r}")
+        table = np.asarray(schedule.log_snr, np.float64)
+        T = schedule.T
+        if spacing != "karras":
+            times = timestep_spacing(T, num_steps, spacing)[::-1]
+        else:
+            if num_steps > T:
+                raise ValueError(f"num_steps={num_steps} is more than the T={T} steps of the schedule")
+            lo, hi = _sigma_ve(table[1]), _sigma_ve(table[T])
+            sig = karras_sigmas(num_steps, _in_range("sigma_min", sigma_min, lo, hi, lo),
+                                _in_range("sigma_max", sigma_max, lo, hi, hi), rho)
+            lam = -2.0 * np.log(sig)
+            times = 1 + np.argmin(np.abs(table[None, 1:] - lam[:, None]), axis=1).astype(np.int32)
+            if np.any(np.diff(times) >= 0):
+                raise ValueError(f"karras spacing of {num_steps} steps repeats timesteps of a T={T} "
+                                 "schedule; use fewer steps or another spacing")
+        times = np.concatenate([times, [0]]).astype(np.int32)
+        return Grid(times, table[times].astype(np.float32))
+    if spacing not in CONTINUOUS_SPACINGS:
+        raise ValueError(f"spacing must be one of {CONTINUOUS_SPACINGS} for a continuous-time model, "
+                         f"got {spacing!r}")
+    if spacing == "linspace":
+        times = np.arange(num_steps, 0, -1, dtype=np.float64) / num_steps
+    else:
+        ends = np.asarray(log_snr_fn(jnp.asarray([0.0, 1.0], jnp.float32)), np.float64)
+        lo, hi = max(_sigma_ve(ends[0]), KARRAS_SIGMA_MIN), _sigma_ve(ends[1])
+        sig = karras_sigmas(num_steps, _in_range("sigma_min", sigma_min, lo, hi, lo),
+                            _in_range("sigma_max", sigma_max, lo, hi, hi), rho)
+        times = np.asarray(invert_log_snr(log_snr_fn, -2.0 * np.log(sig)), np.float64)
+    times = np.concatenate([times, [0.0]]).astype(np.float32)
+    lam = np.asarray(log_snr_fn(jnp.asarray(times[:-1])), np.float32)
+    return Grid(times, np.concatenate([lam, [np.inf]]).astype(np.float32))
+
+
+def _in_range(name, value, lo, hi, default):
+    if value is None:
+        return default
+    if not lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6):
+        raise ValueError(f"{name}={value} lies outside the schedule's sigma range [{lo:.4g}, {hi:.4g}]")
+    return float(value)
+
+
+def _plan(grid: Grid) -> dict:
+    """Per-step scan inputs: step index i, current/next model time t/s and log-SNR."""
+    n = grid.times.shape[0] - 1
+    return dict(i=jnp.arange(n), t=grid.times[:-1], s=grid.times[1:],
+                lam_t=grid.log_snr[:-1], lam_s=grid.log_snr[1:])
+
+
+# ---------------------------------------------------------------------------
+# The model as the samplers see it.
+# ---------------------------------------------------------------------------
+
+
+def dynamic_threshold(x0, quantile: float = 0.995):
+    """Saharia et al. 2022 (Imagen) §2.3: s = max(1, the quantile of |x0| per example);
+    x0 -> clip(x0, -s, s) / s."""
+    s = jnp.quantile(jnp.abs(x0).reshape(x0.shape[0], -1), quantile, axis=1)
+    s = jnp.maximum(s, 1.0).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+    """A ``model_fn(x_t, t)`` with what the samplers need to read its output.
+
+    Calling it at a level (t, log_snr) gives (x0_hat, eps_hat, variance channels
+    or None) through ``vdm.diffusion``'s conversions. ``clip_x0 = (lo, hi)`` or
+    ``threshold`` (a quantile, dynamic thresholding) post-processes x0_hat, and
+    eps_hat is then recomputed from it (as in Ho et al.'s and DDIM's code).
+    Hashable (by model_fn identity), so it can be a static argument of jit.
+    """
+
+    model_fn: Callable
+    parameterization: str = "eps"
+    variance_type: str = "fixed_small"
+    clip_x0: tuple | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        diffusion.check_parameterization(self.parameterization)
+        diffusion.check_variance_type(self.variance_type)
+        if self.clip_x0 is not None:
+            lo, hi = (float(v) for v in self.clip_x0)
+            if not lo < hi:
+                raise ValueError(f"clip_x0 must be (lo, hi) with lo < hi, got {self.clip_x0!r}")
+            object.__setattr__(self, "clip_x0", (lo, hi))
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold (a quantile of |x0|) must lie in (0, 1), got {self.threshold!r}")
+        if self.clip_x0 is not None and self.threshold is not None:
+            raise ValueError("give at most one of clip_x0 and threshold")
+
+    def __call__(self, x, t, log_snr):
+        out = self.model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
+        pred, var_out = diffusion.split_variance_output(out, self.variance_type)
+        x0, eps = diffusion.x0_eps_from_output(pred, x, log_snr, self.parameterization)
+        if self.clip_x0 is not None or self.threshold is not None:
+            x0 = jnp.clip(x0, *self.clip_x0) if self.clip_x0 else dynamic_threshold(x0, self.threshold)
+            _, eps = diffusion.x0_eps_from_output(x0, x, log_snr, "x0")
+        return x0, eps, var_out
+
+
+# ---------------------------------------------------------------------------
+# One-step updates (pure). ``noise`` is a standard normal array shaped like x.
+# ---------------------------------------------------------------------------
+
+
+def ancestral_step(den: Denoiser, x, t, log_snr_t, log_snr_s, noise):
+    """x_s ~ p(x_s | x_t) = N(mean, exp(log_var)) for s < t: Ho et al. 2020 Alg. 2 line 4 when
+    s = t - 1, the respaced step of Nichol & Dhariwal 2021 §4 otherwise (both variance bounds and
+    the learned_range interpolation recomputed for t -> s by ``p_mean_variance``). No noise is
+    added into the data level (Alg. 2: z = 0 at t = 1). Returns (x_s, x0_hat)."""
+    x0, _, var_out = den(x, t, log_snr_t)
+    out = x0 if var_out is None else jnp.concatenate([x0, var_out], axis=-1)
+    mean, log_var, _ = diffusion.p_mean_variance(out, x, log_snr_s, log_snr_t, "x0", den.variance_type)
+    std = jnp.where(jnp.isinf(log_snr_s), 0.0, jnp.exp(0.5 * log_var))
+    return mean + std * noise, x0
+
+
+def ddim_step(den: Denoiser, x, t, log_snr_t, log_snr_s, noise, eta: float = 0.0):
+    """DDIM, Song et al. 2021 eq. 12: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat + s_eta z,
+    with s_eta^2 = eta^2 Var q(x_s | x_t, x_0) (eq. 16). eta = 1 is the ancestral step with the
+    fixed_small variance (same mean and variance); eta = 0 is deterministic and also runs upwards
+    (s > t, encoding). sigma_s^2 - s_eta^2 = sigma_s^2 (r + (1 - eta^2)(1 - r)), r = SNR_t/SNR_s,
+    is written without cancellation. ``eta`` is a Python float. Returns (x_s, x0_hat)."""
+    x0, eps, _ = den(x, t, log_snr_t)
+    alpha_s, sigma_s = diffusion.alpha_sigma(log_snr_s)
+    if eta == 0:
+        return alpha_s * x0 + sigma_s * eps, x0
+    _, post_var, _ = diffusion.q_posterior(x0, x, log_snr_s, log_snr_t)
+    r = jnp.exp(log_snr_t - log_snr_s)
+    dir_var = sigma_s ** 2 * (r - (1.0 - eta ** 2) * jnp.expm1(log_snr_t - log_snr_s))
+    return alpha_s * x0 + jnp.sqrt(dir_var) * eps + eta * jnp.sqrt(post_var) * noise, x0
+
+
+def langevin_step(den: Denoiser, x, t, log_snr, step_size, noise):
+    """One Langevin step at a fixed level (Song & Ermon 2019, Alg. 1 line 6), taken in the
+    data-scaled y = x / alpha whose density is p_data * N(0, sigma_ve^2):
+
+      y <- y + (a / 2) grad_y log q(y) + sqrt(a) z,   grad_y log q(y) = -eps_hat / sigma_ve.
+
+    Returns (x = alpha y, x0_hat)."""
+    alpha, _ = diffusion.alpha_sigma(log_snr)
+    x0, eps, _ = den(x, t, log_snr)
+    y = x / alpha - 0.5 * step_size * eps / jnp.exp(-0.5 * log_snr) + jnp.sqrt(step_size) * noise
+    return alpha * y, x0
+
+
+def _norm(a):
+    return jnp.sqrt(jnp.sum(a ** 2, axis=tuple(range(1, a.ndim)), keepdims=True))
+
+
+def corrector_step(den: Denoiser, x, t, log_snr, alpha_step, snr: float, noise):
+    """The Langevin corrector of Song et al. 2021 (SDE paper), Alg. 5 (VP), at level t:
+
+      g = grad log q(x_t) = -eps_hat / sigma_t,  e = 2 alpha_i (r ||z|| / ||g||)^2,
+      x <- x + e g + sqrt(2 e) z,
+
+    with alpha_i = alpha_t^2 / alpha_s^2 of the step t -> s (1 - beta_t for s = t - 1) and the
+    target signal-to-noise ratio r = ``snr``. Norms are per example (the paper's code averages
+    them over the batch), so samples do not depend on the batch. Returns (x, x0_hat)."""
+    _, sigma = diffusion.alpha_sigma(log_snr)
+    x0, eps, _ = den(x, t, log_snr)
+    g = -eps / sigma
+    e = 2.0 * alpha_step * (snr * _norm(noise) / _norm(g)) ** 2
+    return x + e * g + jnp.sqrt(2.0 * e) * noise, x0
+
+
+def ode_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"):
+    """One step t -> s of the probability-flow ODE in y = x / alpha, sigma = sigma_ve = exp(-lambda/2):
+
+      dy / dsigma = eps_hat(alpha y, sigma)
+
+    (Karras et al. 2022 eq. 4 with s(t) = 1, sigma(t) = t, in the data-scaled variable; Song et
+    al. 2021, DDIM eq. 14). "euler": y_s = y_t + (sigma_s - sigma_t) d_t, which is DDIM with
+    eta = 0; "heun": Karras Alg. 1 lines 5-8, the trapezoid with the slope re-evaluated at s, except
+    into the data level (sigma_s = 0), where Alg. 1 takes the Euler step. Runs either direction.
+    Returns (x_s = alpha_s y_s, x0_hat)."""
+    alpha_t, _ = diffusion.alpha_sigma(log_snr_t)
+    alpha_s, _ = diffusion.alpha_sigma(log_snr_s)
+    h = jnp.exp(-0.5 * log_snr_s) - jnp.exp(-0.5 * log_snr_t)
+    y = x / alpha_t
+    x0, d, _ = den(x, t, log_snr_t)
+    y_s = y + h * d
+    if method == "heun":
+        def correct():
+            _, d_s, _ = den(alpha_s * y_s, s, log_snr_s)
+            return y + 0.5 * h * (d + d_s)
+        y_s = lax.cond(jnp.isinf(log_snr_s), lambda: y_s, correct)
+    return alpha_s * y_s, x0
+
+
+# ---------------------------------------------------------------------------
+# The scan driver.
+# ---------------------------------------------------------------------------
+
+
+class Trajectory(NamedTuple):
+    """The state x_s (VP units) and the prediction x0_hat after every k-th step and the last:
+    ``times[j]`` is the level x[j] sits at; x and x0 have shape [n_records, *x.shape]."""
+
+    times: jax.Array
+    x: jax.Array
+    x0: jax.Array
+
+
+def _normal(keys, x, i, j=None):
+    """Per-example standard normals shaped like x: example b uses fold_in(keys[b], i) (then j)."""
+    def one(k):
+        k = jax.random.fold_in(k, i)
+        return jax.random.normal(k if j is None else jax.random.fold_in(k, j), x.shape[1:], x.dtype)
+    return jax.vmap(one)(keys)
+
+
+def _drive(step, x, plan: dict, grid: Grid, every: int | None):
+    """Run ``step(x, inputs) -> (x, x0_hat)`` over the leading axis of ``plan`` with lax.scan.
+
+    With ``every`` = k the steps run in chunks of k (an outer scan over an inner
+    one, the last chunk padded with no-op steps) and the state after each chunk
+    is kept; without it nothing per step is kept, so memory does not grow with
+    the number of steps. Returns (x, Trajectory or None).
+    """
+    if every is None:
+        x, _ = lax.scan(lambda c, inp: (step(c, inp)[0], None), x, plan)
+        return x, None
+    n = grid.times.shape[0] - 1
+    n_rec = -(-n // every)
+    idx = np.minimum(np.arange(n_rec * every), n - 1)
+    chunks = jax.tree.map(lambda a: a[idx].reshape((n_rec, every) + a.shape[1:]), plan)
+    valid = (np.arange(n_rec * every) < n).reshape(n_rec, every)
+
+    def inner(carry, inputs):
+        inp, ok = inputs
+        x_new, x0_new = step(carry[0], inp)
+        return (jnp.where(ok, x_new, carry[0]), jnp.where(ok, x0_new, carry[1])), None
+
+    def outer(carry, chunk):
+        carry, _ = lax.scan(inner, carry, chunk)
+        return carry, carry
+
+    (x, _), (xs, x0s) = lax.scan(outer, (x, jnp.zeros_like(x)), (chunks, valid))
+    times = grid.times[np.minimum(np.arange(1, n_rec + 1) * every, n)]
+    return x, Trajectory(times, xs, x0s)
+
+
+def _check_every(every):
+    if every is not None:
+        _check_int("trajectory_every", every, 1)
+
+
+# ---------------------------------------------------------------------------
+# Samplers: (den, x_T, keys, grid) -> (x_0, Trajectory or None). Traceable (jit, pmap).
+# x_T is the VP prior sample N(0, I); keys holds one key per example.
+# ---------------------------------------------------------------------------
+
+
+def ancestral(den: Denoiser, x_T, keys, grid: Grid, *, trajectory_every=None):
+    """Ancestral sampling x_T -> ... -> x_0 with ``ancestral_step`` on every grid step:
+    Ho et al. 2020 Alg. 2 on the full grid; respaced (Nichol & Dhariwal §4) on a subsequence;
+    the VDM sampler (Kingma et al. 2021, App. A.4) on a continuous grid. ``learned`` (a free
+    log-variance) is the variance of one step t -> t-1 and needs the full discrete grid."""
+    _check_every(trajectory_every)
+
+    def step(x, p):
+        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"]))
+
+    return _drive(step, x_T, _plan(grid), grid, trajectory_every)
+
+
+def ddim(den: Denoiser, x_T, keys, grid: Grid, *, eta: float = 0.0, trajectory_every=None):
+    """DDIM (Song et al. 2021) on the grid with ``ddim_step``; keys may be None when eta = 0."""
+    _check_eta(eta)
+    _check_every(trajectory_every)
+
+    def step(x, p):
+        noise = 0.0 if eta == 0 else _normal(keys, x, p["i"])
+        return ddim_step(den, x, p["t"], p["lam_t"], p["lam_s"], noise, eta)
+
+    return _drive(step, x_T, _plan(grid), grid, trajectory_every)
+
+
+def annealed_langevin(den: Denoiser, x_T, keys, grid: Grid, *, steps_per_level: int = 100,
+                      step_size: float = 2e-5, denoise: bool = True, trajectory_every=None):
+    """Annealed Langevin dynamics, Song & Ermon 2019 Alg. 1, on the grid's noisy levels.
+
+    VP mapping: Alg. 1 runs in y = x_t / alpha_t, the VE variable whose density at
+    level i is p_data * N(0, sigma_i^2) with sigma_i = sigma_ve = exp(-lambda_i / 2)
+    (``langevin_step``); y is carried unchanged from one level to the next, as in
+    Alg. 1 (so x_t is rescaled by alpha_{i+1} / alpha_i). The step size is
+    a_i = step_size * sigma_i^2 / sigma_L^2 (Alg. 1 line 3; sigma_L = the last,
+    least noisy level), ``steps_per_level`` steps per level. x_T ~ N(0, I) is the VP
+    prior at the first level. With ``denoise`` the output is the Tweedie denoiser
+    E[x_0 | y] = y - sigma_L eps_hat at the last level (Song et al. 2021 SDE code;
+    Jolicoeur-Martineau et al. 2021), else y itself (noise sigma_L left in).
+    """
+    _check_int("steps_per_level", steps_per_level, 1)
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0, got {step_size!r}")
+    _check_every(trajectory_every)
+    plan = _plan(grid)
+    plan["a"] = step_size * jnp.exp(plan["lam_t"][-1] - plan["lam_t"])
+
+    def step(x, p):
+        def inner(x, j):
+            noise = _normal(keys, x, p["i"], j)
+            return langevin_step(den, x, p["t"], p["lam_t"], p["a"], noise)[0], None
+
+        x, _ = lax.scan(inner, x, jnp.arange(steps_per_level))
+        alpha_t, _ = diffusion.alpha_sigma(p["lam_t"])
+        alpha_s, _ = diffusion.alpha_sigma(p["lam_s"])
+        x0, _, _ = den(x, p["t"], p["lam_t"])
+        last = jnp.isinf(p["lam_s"]) & denoise
+        return jnp.where(last, x0, alpha_s * x / alpha_t), x0
+
+    return _drive(step, x_T, plan, grid, trajectory_every)
+
+
+def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps: int = 1,
+                        snr: float = 0.16, trajectory_every=None):
+    """Predictor-corrector sampling (Song et al. 2021, SDE paper, Alg. 2): at each level t,
+    ``corrector_steps`` Langevin corrector steps (``corrector_step``, Alg. 5) then the reverse
+    (ancestral) predictor step t -> s (``ancestral_step``; Song et al.'s ancestral predictor is its
+    fixed_large case). Corrector-then-predictor is the order of the paper's code, so the data level
+    is never corrected."""
+    _check_int("corrector_steps", corrector_steps, 1)
+    if not snr > 0:
+        raise ValueError(f"snr must be > 0, got {snr!r}")
+    _check_every(trajectory_every)
+
+    def step(x, p):
+        alpha_step = jnp.exp(jax.nn.log_sigmoid(p["lam_t"]) - jax.nn.log_sigmoid(p["lam_s"]))
+
+        def inner(x, j):
+            noise = _normal(keys, x, p["i"], j + 1)
+            return corrector_step(den, x, p["t"], p["lam_t"], alpha_step, snr, noise)[0], None
+
+        x, _ = lax.scan(inner, x, jnp.arange(corrector_steps))
+        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"]))
+
+    return _drive(step, x_T, _plan(grid), grid, trajectory_every)
+
+
+def probability_flow(den: Denoiser, x_T, keys, grid: Grid, *, method: str = "heun",
+                     trajectory_every=None):
+    """Deterministic sampling with the probability-flow ODE (``ode_step``, Karras et al. 2022
+    Alg. 1) from x_T ~ N(0, I) along the grid (Karras rho-grid with spacing="karras"). Euler costs
+    one model call per step, Heun two (one on the last step). ``keys`` is unused."""
+    _check_method(method)
+    _check_every(trajectory_every)
+
+    def step(x, p):
+        return ode_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)
+
+    return _drive(step, x_T, _plan(grid), grid, trajectory_every)
+
+
+def encode(den: Denoiser, x0, grid: Grid, *, method: str = "euler"):
+    """Deterministic encoding x_0 -> x_T by the probability-flow ODE run upwards through the
+    grid's levels (method "euler" is DDIM inversion, Song et al. 2021 §4.3 / §5.4). Its first step,
+    from the data level to the least noisy level t_1, inverts the last decoding step
+    x_0 = (x_1 - sigma_1 eps_hat(x_1)) / alpha_1 with eps_hat evaluated at alpha_1 x_0:
+    x_1 = alpha_1 x_0 + sigma_1 eps_hat(alpha_1 x_0). Decoding with ``ddim`` (eta = 0) or
+    ``probability_flow`` on the same grid returns x_0 up to discretization error."""
+    _check_method(method)
+    times, lam = grid.times[-2::-1], grid.log_snr[-2::-1]   # increasing noise, data level dropped
+    alpha_1, sigma_1 = diffusion.alpha_sigma(lam[0])
+    _, eps, _ = den(alpha_1 * x0, times[0], lam[0])
+    x = alpha_1 * x0 + sigma_1 * eps
+    up = dict(t=times[:-1], s=times[1:], lam_t=lam[:-1], lam_s=lam[1:])
+    x, _ = lax.scan(lambda x, p: (ode_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)[0], None),
+                    x, up)
+    return x
+
+
+_SAMPLER_FNS = {
+    "ancestral": (ancestral, {}),
+    "ddim": (ddim, {"eta": 0.0}),
+    "langevin": (annealed_langevin, {"steps_per_level": 100, "step_size": 2e-5, "denoise": True}),
+    "pc": (predictor_corrector, {"corrector_steps": 1, "snr": 0.16}),
+    "ode": (probability_flow, {"method": "heun"}),
+}
+
+
+def _check_eta(eta):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+
+
+def _check_method(method):
+    if method not in ODE_METHODS:
+        raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance.
+# ---------------------------------------------------------------------------
+
+
+def classifier_free_guidance(model_fn: Callable, labels, guidance_scale: float, null_label: int,
+                             variance_type: str = "fixed_small") -> Callable:
+    """Turn ``model_fn(x, t, label)`` into the guided ``model_fn(x, t)`` (Ho & Salimans 2022, eq. 6):
+
+      eps~ = (1 + w) eps(x_t, c) - w eps(x_t, null),   w = guidance_scale (w = 0: conditional).
+
+    The output is combined in the model's own parameterization: each conversion to
+    eps is affine in the output at fixed (x_t, lambda) and the weights 1 + w and -w
+    sum to 1, so this *is* the eps-space combination for eps, x0, v and score. Learned
+    variance channels come from the conditional branch. Both branches run as one
+    batch of 2B.
+    """
+    labels = jnp.asarray(labels)
+
+    def guided(x, t):
+        b = x.shape[0]
+        cond = jnp.concatenate([labels, jnp.full_like(labels, null_label)])
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), cond)
+        pred_c, var_c = diffusion.split_variance_output(out[:b], variance_type)
+        pred_u, _ = diffusion.split_variance_output(out[b:], variance_type)
+        pred = (1.0 + guidance_scale) * pred_c - guidance_scale * pred_u
+        return pred if var_c is None else jnp.concatenate([pred, var_c], axis=-1)
+
+    return guided
+
+
+# ---------------------------------------------------------------------------
+# Front door: validate on the host, then one compiled driver (jit or pmap).
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about a sampling run (hashable: the jit/pmap cache key)."""
+
+    sampler: str
+    shape: tuple
+    den: tuple  # (parameterization, variance_type, clip_x0, threshold)
+    options: tuple
+    conditional: bool
+    guidance_scale: float | None
+    null_label: int | None
+    trajectory_every: int | None
+
+
+def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min, sigma_max,
+             parameterization, variance_type, clip_x0, threshold, labels, guidance_scale, null_label,
+             trajectory_every, options):
+    """All checks, before anything is traced; returns (_Spec, Grid)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler in SCORE_SAMPLERS and parameterization not in diffusion.PARAMETERIZATIONS:
+        raise ValueError(f"sampler {sampler!r} needs the score grad log q(x_t) = -eps_hat / sigma_t, which a "
+                         f"model gives through a parameterization in {diffusion.PARAMETERIZATIONS}; "
+                         f"got {parameterization!r}")
+    den = Denoiser(None, parameterization, variance_type, clip_x0, threshold)
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (batch, *example_shape) with positive sizes, got {shape}")
+    _, defaults = _SAMPLER_FNS[sampler]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for sampler {sampler!r}; "
+                         f"its options are {sorted(defaults)}")
+    opts = {**defaults, **options}
+    if sampler == "ddim":
+        _check_eta(opts["eta"])
+    if sampler == "ode":
+        _check_method(opts["method"])
+    _check_every(trajectory_every)
+    if num_steps is None:
+        if schedule is None:
+            raise ValueError("num_steps is required for a continuous-time model (log_snr_fn)")
+        num_steps = getattr(schedule, "T", None)
+    grid = time_grid(num_steps, schedule=schedule, log_snr_fn=log_snr_fn, spacing=spacing, rho=rho,
+                     sigma_min=sigma_min, sigma_max=sigma_max)
+    if variance_type == "learned" and sampler in ("ancestral", "pc"):
+        full = schedule is not None and np.array_equal(grid.times[:-1], np.arange(schedule.T, 0, -1))
+        if not full:
+            raise ValueError("variance_type 'learned' is the log-variance of one step t -> t-1 and cannot be "
+                             "respaced or used in continuous time; use all T steps or learned_range")
+    if guidance_scale is not None and (labels is None or null_label is None):
+        raise ValueError("guidance_scale needs labels and null_label (classifier-free guidance)")
+    if labels is not None and np.shape(labels) != shape[:1]:
+        raise ValueError(f"labels must have shape {shape[:1]} (one per example), got {np.shape(labels)}")
+    spec = _Spec(sampler, shape[1:], (den.parameterization, den.variance_type, den.clip_x0, den.threshold),
+                 tuple(sorted(opts.items())), labels is not None,
+                 None if guidance_scale is None else float(guidance_scale),
+                 None if null_label is None else int(null_label), trajectory_every)
+    return spec, grid
+
+
+def _run(model_fn, spec: _Spec, grid: Grid, keys, labels):
+    """Draw x_T from the per-example keys and run the sampler (traced by jit or pmap)."""
+    if spec.guidance_scale is not None:
+        model_fn = classifier_free_guidance(model_fn, labels, spec.guidance_scale, spec.null_label,
+                                            spec.den[1])
+    elif spec.conditional:
+        model_fn = functools.partial(_with_labels, model_fn, labels)
+    den = Denoiser(model_fn, *spec.den)
+    k_init, k_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    x_T = jax.vmap(lambda k: jax.random.normal(k, spec.shape))(k_init)
+    fn, _ = _SAMPLER_FNS[spec.sampler]
+    return fn(den, x_T, k_steps, grid, trajectory_every=spec.trajectory_every, **dict(spec.options))
+
+
+def _with_labels(model_fn, labels, x, t):
+    return model_fn(x, t, labels)
+
+
+_run_jit = jax.jit(_run, static_argnums=(0, 1))
+_run_pmap = jax.pmap(_run, in_axes=(None, 0, 0), static_broadcasted_argnums=(0, 1))
+
+
+def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
+           schedule: DiscreteSchedule | None = None, log_snr_fn: Callable | None = None,
+           num_steps: int | None = None, spacing: str = "linspace", rho: float = 7.0,
+           sigma_min: float | None = None, sigma_max: float | None = None,
+           parameterization: str = "eps", variance_type: str = "fixed_small", clip_x0=None,
+           threshold: float | None = None, labels=None, guidance_scale: float | None = None,
+           null_label: int | None = None, trajectory_every: int | None = None, pmap: bool = False,
+           **options):
+    """Draw ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler (one compile).
+
+    model_fn(x_t, t) -> output, t of shape [B] in the model's own time (int 1..T with
+    ``schedule``, float in [0, 1] with ``log_snr_fn``). With ``labels`` the model is
+    model_fn(x_t, t, labels); with ``guidance_scale`` w too it is guided
+    (``classifier_free_guidance``, null class ``null_label``). ``num_steps`` noisy
+    levels (default T) spaced by ``spacing`` (``time_grid``). ``options`` are the
+    sampler's own: ddim eta; langevin steps_per_level, step_size, denoise; pc
+    corrector_steps, snr; ode method.
+
+    The key is split into one key per example, which draws that example's x_T and
+    step noise. With ``pmap`` the batch is spread over all local devices
+    (shape[0] must divide evenly); the result equals the single-device one for any
+    device count (up to float rounding). The compile is cached on (model_fn,
+    settings, shapes): reuse the same model_fn object. Returns the samples, or
+    (samples, Trajectory) with ``trajectory_every``.
+    """
+    spec, grid = _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min,
+                          sigma_max, parameterization, variance_type, clip_x0, threshold, labels,
+                          guidance_scale, null_label, trajectory_every, options)
+    keys = jax.random.split(key, shape[0])
+    labels = None if labels is None else jnp.asarray(labels)
+    if not pmap:
+        x, traj = _run_jit(model_fn, spec, grid, keys, labels)
+        return x if trajectory_every is None else (x, traj)
+    n_dev = jax.local_device_count()
+    if shape[0] % n_dev:
+        raise ValueError(f"shape[0]={shape[0]} must be divisible by the {n_dev} local devices")
+    shard = lambda a: None if a is None else a.reshape((n_dev, shape[0] // n_dev) + a.shape[1:])
+    x, traj = _run_pmap(model_fn, spec, grid, shard(keys), shard(labels))
+    x = x.reshape(tuple(shape))
+    if trajectory_every is None:
+        return x
+    merge = lambda a: jnp.moveaxis(a, 0, 1).reshape((a.shape[1], shape[0]) + a.shape[3:])
+    return x, Trajectory(traj.times[0], merge(traj.x), merge(traj.x0))
+
+
+def pmap_sample(model_fn: Callable, key, shape, **kwargs):
+    """``sample(..., pmap=True)``: the batch spread over all local devices with ``jax.pmap``."""
+    return sample(model_fn, key, shape, pmap=True, **kwargs)
