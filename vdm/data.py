@@ -19,9 +19,9 @@ jnp function ``x [..., D] -> [...]``, else ``None``).
 
 Determinism and resume. ``get_batch(step)`` is a pure function of (seed, step,
 process): the global batch of step s holds positions ``s*B .. s*B+B-1`` of an endless
-stream of epochs, epoch e being the permutation ``default_rng([seed, 0, e])`` of the
-split; process i takes the i-th contiguous block of ``B / process_count`` positions
-(process 0's devices first, the order of ``jax.devices()``). Flips and dequantization
+stream of epochs, epoch e being a permutation of the split drawn from (seed, e);
+process i takes the i-th contiguous block of ``B / process_count`` positions (process
+0's devices first, the order of ``jax.devices()``). Flips and dequantization
 noise are drawn per example from its global position, so the global batch does not
 depend on the number of processes or devices, and the data position in a checkpoint is
 just the step. ``iterate_epoch(batch_size)`` visits the split in index order; its last
@@ -31,7 +31,7 @@ Sources (``cfg.source``):
 
 * ``digits`` (the default): scikit-learn's ``load_digits``, 1,797 8x8 scans with 17
   grey levels v in 0..16, mapped to 8 bits as round(v * 255 / 16), label = digit. Held
-  out: a fixed permutation (``default_rng(DATA_SEED)``, independent of the run seed)
+  out: a fixed permutation drawn from ``DATA_SEED`` (whatever the run seed)
   puts ``num_test`` examples (default 297, so 1500 train / 297 test) in ``test``.
 * ``tfds``: any TFDS image dataset ``cfg.name`` (a builder of ``tfds.list_builders()``
   with a uint8 ``image`` feature), read with ``tfds.data_source(name, split=split,
@@ -45,7 +45,7 @@ Sources (``cfg.source``):
   is image data, a float array [N, ...] is used as is (no scaling); labels from
   ``cfg.npz_label_key`` if set; held out as for digits.
 * ``toy``: a distribution of ``vdm.toy_data`` (``cfg.name``). ``train`` is a fresh
-  sample of the global batch every step (``default_rng([seed, 2, step])``) when
+  sample of the global batch every step, drawn from (seed, step), when
   ``num_points == 0``, else a fixed set of ``num_points`` points (seed 002 trains on
   1000); ``test`` is a fixed set of ``num_test`` points. Fixed sets are drawn from
   ``DATA_SEED``, so they are the same for every run seed.
@@ -79,8 +79,10 @@ SPLITS = ("train", "test")  # of every source except tfds, which takes any TFDS 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DATA_SEED = 20240607  # fixes the held-out split and the toy point sets, whatever the run seed
 
-# Stream tags: the first two entries of every SeedSequence are (seed, tag), so streams never collide.
-_TAG_EPOCH, _TAG_TRAIN_EXAMPLE, _TAG_TOY_STEP, _TAG_EVAL_EXAMPLE, _TAG_TOY_TRAIN, _TAG_TOY_TEST = range(6)
+# Every random stream is np.random.default_rng([seed, tag, n]) with a distinct tag >= 1 (a zero
+# tag would collide: SeedSequence ignores trailing zeros, so [s, 0, 0] is the same as [s]).
+(_TAG_HOLDOUT, _TAG_EPOCH, _TAG_TRAIN_EXAMPLE, _TAG_TOY_STEP, _TAG_EVAL_EXAMPLE, _TAG_TOY_TRAIN,
+ _TAG_TOY_TEST) = range(1, 8)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -215,7 +217,7 @@ def _holdout(n: int, num_test: int, split: str, source: str) -> np.ndarray:
         raise _error("num_test", f"is 0, so source={source!r} has no test split")
     if num_test >= n:
         raise _error("num_test", f"{num_test} leaves no training examples out of {n}")
-    perm = np.random.default_rng(DATA_SEED).permutation(n)
+    perm = np.random.default_rng([DATA_SEED, _TAG_HOLDOUT, 0]).permutation(n)
     return np.sort(perm[n - num_test:] if split == "test" else perm[: n - num_test])
 
 
@@ -315,7 +317,8 @@ def _open_source(cfg, split):
             raise _error("name", f"TFDS dataset {cfg.name!r} has no uint8 'image' feature "
                                  f"(features: {list(features.keys())})")
         if cfg.image_size == 0 and None in image.shape[:2]:
-            raise _error("image_size", f"{cfg.name!r} images have no fixed size {image.shape}; set image_size > 0")
+            raise _error("image_size", f"{cfg.name!r} images have no fixed size {image.shape}; "
+                                       "set image_size > 0")
         label = features["label"] if "label" in features else None
         num_classes = label.num_classes if isinstance(label, tfds.features.ClassLabel) else 0
         source = tfds.data_source(cfg.name, split=split, data_dir=cfg.data_dir or None)
@@ -344,7 +347,8 @@ class Dataset:
         self.log_prob = log_prob
         self._examples, self._sample = examples, sample
         self._is_8bit, self._pad_to = is_8bit, cfg.pad_to
-        self._dequantize, self._flip = is_8bit and cfg.dequantize, is_8bit and cfg.random_flip and split == "train"
+        self._dequantize = is_8bit and cfg.dequantize
+        self._flip = is_8bit and cfg.random_flip and split == "train"
         self._permutations = {}
         self.num_examples = None if examples is None else len(examples)
         first = sample(np.random.default_rng(0), 1) if examples is None else examples.load(np.array([0]))[0]

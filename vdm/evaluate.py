@@ -16,6 +16,7 @@ the user supplies its weights.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -130,6 +131,21 @@ def sliced_wasserstein(key, x, y, num_projections: int = 128, p: float = 2.0) ->
     theta /= np.linalg.norm(theta, axis=1, keepdims=True)
     wp = wasserstein_1d(theta @ x.T, theta @ y.T, p)
     return float(np.mean(wp ** p) ** (1.0 / p))
+
+
+def toy_sample_metrics(key, samples, reference, num_projections: int = 128) -> dict:
+    """MMD (median-heuristic RBF, unbiased) and sliced W2 between model samples and fresh data."""
+    return {"mmd": mmd(samples, reference),
+            "sliced_wasserstein": sliced_wasserstein(key, samples, reference, num_projections)}
+
+
+def mode_fractions(samples, centres) -> np.ndarray:
+    """The fraction of samples [N, D] nearest to each of the mode centres [K, D] (or [K] in 1-D),
+    e.g. the mass on each component of the seed 002 mixture (1/3, 2/3)."""
+    x = _flat(samples, "samples")
+    c = np.asarray(centres, np.float64).reshape(-1, x.shape[1])
+    nearest = np.argmin(_sq_dists(x, c), axis=1)
+    return np.bincount(nearest, minlength=len(c)) / len(x)
 
 
 # ---------------------------------------------------------------------------
@@ -621,6 +637,7 @@ _TORCH_NAMES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
 def _inception_shapes() -> dict:
     return jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), jnp.zeros((1, 299, 299, 3)))
 

@@ -190,3 +190,18 @@ def conditional_model_fn(mixture: GaussianMixture, parameterization: str = "eps"
         return jnp.where((label == K)[:, None], jnp.log(mixture.weights), one_hot)
 
     return _build(mixture, parameterization, schedule, log_snr_fn, variance_type, log_weights)
+
+
+def component_stats(mixture: GaussianMixture, x):
+    """Per-component (weights [K], means [K, D], variances [K, D]) of samples x [N, D], each sample
+    assigned to its most responsible component at the data level (NumPy, for tests and benchmarks;
+    apply the same function to exact samples for the reference values)."""
+    x = np.asarray(x, np.float64)
+    comp = np.asarray(jnp.argmax(responsibilities(mixture, jnp.asarray(x, jnp.float32)), axis=-1))
+    K = mixture.weights.shape[0]
+    weights = np.array([np.mean(comp == k) for k in range(K)])
+    means = np.stack([x[comp == k].mean(axis=0) if np.any(comp == k) else np.full(x.shape[1], np.nan)
+                      for k in range(K)])
+    variances = np.stack([x[comp == k].var(axis=0) if np.sum(comp == k) > 1 else np.full(x.shape[1], np.nan)
+                          for k in range(K)])
+    return weights, means, variances

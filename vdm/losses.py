@@ -211,6 +211,21 @@ def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None):
             - math.log(2.0) - log_variance)
 
 
+def _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma) -> str:
+    """Validate simple_loss's options; returns the target (default: the parameterization)."""
+    diffusion.check_parameterization(parameterization)
+    target = parameterization if target is None else target
+    _check_choice("target", target, diffusion.PARAMETERIZATIONS)
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("weighting", weighting, WEIGHTINGS)
+    if loss_type == "l1" and weighting != "none":
+        raise ValueError(f"weighting {weighting!r} is defined for loss_type 'l2'; "
+                         f"loss_type 'l1' allows weighting 'none'")
+    if weighting == "min_snr" and not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
+    return target
+
+
 def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: str | None = None,
                 loss_type: str = "l2", weighting: str = "none", snr_gamma: float = 5.0, *,
                 log_snr_s=None, log_variance=None):
@@ -231,18 +246,9 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
                       (pass its log-variance). Needs ``log_snr_s`` (the previous level).
     Reweighting is defined for L2 only; l1 takes weighting "none".
     """
-    diffusion.check_parameterization(parameterization)
-    target = parameterization if target is None else target
-    _check_choice("target", target, diffusion.PARAMETERIZATIONS)
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("weighting", weighting, WEIGHTINGS)
-    if loss_type == "l1" and weighting != "none":
-        raise ValueError(f"weighting {weighting!r} is defined for loss_type 'l2'; "
-                         f"loss_type 'l1' allows weighting 'none'")
+    target = _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma)
     if weighting == "elbo" and log_snr_s is None:
         raise ValueError("weighting 'elbo' needs log_snr_s, the log-SNR of the previous level")
-    if weighting == "min_snr" and not snr_gamma > 0:
-        raise ValueError(f"snr_gamma must be > 0, got {snr_gamma!r}")
     diffusion._check_same_shape(output=output, x0=x0, eps=eps, x_t=x_t)
 
     pred = diffusion.convert(output, x_t, log_snr_t, parameterization, target)
@@ -399,8 +405,8 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
     """
     _check_choice("kind", kind, LOSS_KINDS)
     _check_discrete_args(parameterization, variance_type, decoder, x0)
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("weighting", weighting, WEIGHTINGS)
+    if kind != "vlb":
+        _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma)
     if kind == "simple" and diffusion.learns_variance(variance_type):
         raise ValueError(f"kind 'simple' does not train the variance of variance_type "
                          f"{variance_type!r}; use kind 'hybrid' or 'vlb', or variance_type "

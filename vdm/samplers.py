@@ -51,7 +51,7 @@ SCORE_SAMPLERS = ("langevin", "pc", "ode")
 DISCRETE_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "karras")
 CONTINUOUS_SPACINGS = ("linspace", "karras")
 ODE_METHODS = ("euler", "heun")
-KARRAS_SIGMA_MIN = 0.002  # Karras et al. 2022, Table 1
+KARRAS_SIGMA_MIN, KARRAS_SIGMA_MAX = 0.002, 80.0  # Karras et al. 2022, Table 1
 
 
 # ---------------------------------------------------------------------------
@@ -144,11 +144,12 @@ def time_grid(num_steps: int, *, schedule: DiscreteSchedule | None = None,
 
     Discrete ``schedule``: timesteps from ``timestep_spacing``, or with
     spacing="karras" the timesteps whose sigma_ve = exp(-lambda/2) are nearest
-    (in log) to the Karras rho-grid between sigma_min and sigma_max (default:
-    the schedule's own range, t = 1 and t = T). Continuous ``log_snr_fn``:
+    (in log) to the Karras rho-grid (``karras_sigmas``). Continuous ``log_snr_fn``:
     "linspace" is t = i / num_steps, i = num_steps..1 (Kingma et al. 2021); "karras"
-    maps the rho-grid to times with ``invert_log_snr`` (sigma_min defaults to
-    max(sigma_ve(t=0), 0.002), sigma_max to sigma_ve(t=1)).
+    maps the rho-grid to times with ``invert_log_snr``. The Karras grid runs from
+    sigma_max down to sigma_min, by default Karras et al.'s 80 and 0.002 (Table 1)
+    clipped to the schedule's range: a larger sigma_max adds steps where the ODE
+    in sigma is poorly resolved by Heun's rule and the VP prior is already exact.
     """
     if (schedule is None) == (log_snr_fn is None):
         raise ValueError("give exactly one of schedule (a DiscreteSchedule) or log_snr_fn (continuous time)")
@@ -167,9 +168,7 @@ def time_grid(num_steps: int, *, schedule: DiscreteSchedule | None = None,
         else:
             if num_steps > T:
                 raise ValueError(f"num_steps={num_steps} is more than the T={T} steps of the schedule")
-            lo, hi = _sigma_ve(table[1]), _sigma_ve(table[T])
-            sig = karras_sigmas(num_steps, _in_range("sigma_min", sigma_min, lo, hi, lo),
-                                _in_range("sigma_max", sigma_max, lo, hi, hi), rho)
+            sig = _karras_range(num_steps, _sigma_ve(table[1]), _sigma_ve(table[T]), sigma_min, sigma_max, rho)
             lam = -2.0 * np.log(sig)
             times = 1 + np.argmin(np.abs(table[None, 1:] - lam[:, None]), axis=1).astype(np.int32)
             if np.any(np.diff(times) >= 0):
@@ -184,21 +183,23 @@ def time_grid(num_steps: int, *, schedule: DiscreteSchedule | None = None,
         times = np.arange(num_steps, 0, -1, dtype=np.float64) / num_steps
     else:
         ends = np.asarray(log_snr_fn(jnp.asarray([0.0, 1.0], jnp.float32)), np.float64)
-        lo, hi = max(_sigma_ve(ends[0]), KARRAS_SIGMA_MIN), _sigma_ve(ends[1])
-        sig = karras_sigmas(num_steps, _in_range("sigma_min", sigma_min, lo, hi, lo),
-                            _in_range("sigma_max", sigma_max, lo, hi, hi), rho)
+        sig = _karras_range(num_steps, _sigma_ve(ends[0]), _sigma_ve(ends[1]), sigma_min, sigma_max, rho)
         times = np.asarray(invert_log_snr(log_snr_fn, -2.0 * np.log(sig)), np.float64)
     times = np.concatenate([times, [0.0]]).astype(np.float32)
     lam = np.asarray(log_snr_fn(jnp.asarray(times[:-1])), np.float32)
     return Grid(times, np.concatenate([lam, [np.inf]]).astype(np.float32))
 
 
-def _in_range(name, value, lo, hi, default):
-    if value is None:
-        return default
-    if not lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6):
-        raise ValueError(f"{name}={value} lies outside the schedule's sigma range [{lo:.4g}, {hi:.4g}]")
-    return float(value)
+def _karras_range(num_steps, lo, hi, sigma_min, sigma_max, rho):
+    """Karras sigmas between sigma_min and sigma_max (defaults: Table 1, clipped to [lo, hi])."""
+    def pick(name, value, default):
+        if value is None:
+            return float(np.clip(default, lo, hi))
+        if not lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6):
+            raise ValueError(f"{name}={value} lies outside the schedule's sigma range [{lo:.4g}, {hi:.4g}]")
+        return float(value)
+    return karras_sigmas(num_steps, pick("sigma_min", sigma_min, KARRAS_SIGMA_MIN),
+                         pick("sigma_max", sigma_max, KARRAS_SIGMA_MAX), rho)
 
 
 def _plan(grid: Grid) -> dict:
@@ -308,22 +309,27 @@ def langevin_step(den: Denoiser, x, t, log_snr, step_size, noise):
 
 
 def _norm(a):
-    return jnp.sqrt(jnp.sum(a ** 2, axis=tuple(range(1, a.ndim)), keepdims=True))
+    return jnp.sqrt(jnp.sum(a ** 2, axis=tuple(range(1, a.ndim))))
 
 
-def corrector_step(den: Denoiser, x, t, log_snr, alpha_step, snr: float, noise):
+def corrector_step(den: Denoiser, x, t, log_snr, alpha_step, snr: float, noise, axis_name=None):
     """The Langevin corrector of Song et al. 2021 (SDE paper), Alg. 5 (VP), at level t:
 
       g = grad log q(x_t) = -eps_hat / sigma_t,  e = 2 alpha_i (r ||z|| / ||g||)^2,
       x <- x + e g + sqrt(2 e) z,
 
     with alpha_i = alpha_t^2 / alpha_s^2 of the step t -> s (1 - beta_t for s = t - 1) and the
-    target signal-to-noise ratio r = ``snr``. Norms are per example (the paper's code averages
-    them over the batch), so samples do not depend on the batch. Returns (x, x0_hat)."""
+    target signal-to-noise ratio r = ``snr``. As in the paper's code, ||z|| and ||g|| are
+    per-example norms averaged over the batch (per-example ratios are heavy-tailed in low
+    dimension: g vanishes at the modes); ``axis_name`` averages over all devices too, so
+    the step does not depend on how the batch is split. Returns (x, x0_hat)."""
     _, sigma = diffusion.alpha_sigma(log_snr)
     x0, eps, _ = den(x, t, log_snr)
     g = -eps / sigma
-    e = 2.0 * alpha_step * (snr * _norm(noise) / _norm(g)) ** 2
+    norms = jnp.stack([jnp.mean(_norm(noise)), jnp.mean(_norm(g))])
+    if axis_name is not None:
+        norms = lax.pmean(norms, axis_name)
+    e = 2.0 * alpha_step * (snr * norms[0] / norms[1]) ** 2
     return x + e * g + jnp.sqrt(2.0 * e) * noise, x0
 
 
@@ -477,12 +483,12 @@ def annealed_langevin(den: Denoiser, x_T, keys, grid: Grid, *, steps_per_level: 
 
 
 def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps: int = 1,
-                        snr: float = 0.16, trajectory_every=None):
+                        snr: float = 0.16, trajectory_every=None, axis_name=None):
     """Predictor-corrector sampling (Song et al. 2021, SDE paper, Alg. 2): at each level t,
     ``corrector_steps`` Langevin corrector steps (``corrector_step``, Alg. 5) then the reverse
     (ancestral) predictor step t -> s (``ancestral_step``; Song et al.'s ancestral predictor is its
     fixed_large case). Corrector-then-predictor is the order of the paper's code, so the data level
-    is never corrected."""
+    is never corrected. ``axis_name``: the pmap axis the corrector's norms are averaged over."""
     _check_int("corrector_steps", corrector_steps, 1)
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr!r}")
@@ -493,7 +499,7 @@ def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps
 
         def inner(x, j):
             noise = _normal(keys, x, p["i"], j + 1)
-            return corrector_step(den, x, p["t"], p["lam_t"], alpha_step, snr, noise)[0], None
+            return corrector_step(den, x, p["t"], p["lam_t"], alpha_step, snr, noise, axis_name)[0], None
 
         x, _ = lax.scan(inner, x, jnp.arange(corrector_steps))
         return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"]))
@@ -649,7 +655,7 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
     return spec, grid
 
 
-def _run(model_fn, spec: _Spec, grid: Grid, keys, labels):
+def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, axis_name=None):
     """Draw x_T from the per-example keys and run the sampler (traced by jit or pmap)."""
     if spec.guidance_scale is not None:
         model_fn = classifier_free_guidance(model_fn, labels, spec.guidance_scale, spec.null_label,
@@ -660,7 +666,8 @@ def _run(model_fn, spec: _Spec, grid: Grid, keys, labels):
     k_init, k_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     x_T = jax.vmap(lambda k: jax.random.normal(k, spec.shape))(k_init)
     fn, _ = _SAMPLER_FNS[spec.sampler]
-    return fn(den, x_T, k_steps, grid, trajectory_every=spec.trajectory_every, **dict(spec.options))
+    options = dict(spec.options, **({"axis_name": axis_name} if spec.sampler == "pc" else {}))
+    return fn(den, x_T, k_steps, grid, trajectory_every=spec.trajectory_every, **options)
 
 
 def _with_labels(model_fn, labels, x, t):
@@ -668,7 +675,14 @@ def _with_labels(model_fn, labels, x, t):
 
 
 _run_jit = jax.jit(_run, static_argnums=(0, 1))
-_run_pmap = jax.pmap(_run, in_axes=(None, 0, 0), static_broadcasted_argnums=(0, 1))
+def _run_sharded(model_fn, spec: _Spec, grid: Grid, keys, labels):
+    return _run(model_fn, spec, grid, keys, labels, axis_name="batch")
+
+
+# in_axes spells out Grid(None, None): with a bare None, jax's flat-args fast path can mis-assign
+# axes when the leaf count happens to equal the argument count (labels=None).
+_run_pmap = jax.pmap(_run_sharded, axis_name="batch", in_axes=(None, None, Grid(None, None), 0, 0),
+                     static_broadcasted_argnums=(0, 1))
 
 
 def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",

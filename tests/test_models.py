@@ -1,0 +1,300 @@
+"""Networks: shapes, determinism and dropout, parameter counts, conditioning, the learned schedule, config checks."""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vdm.models import LearnedLogSNR, build_model, layers, presets
+
+KEY = jax.random.PRNGKey(0)
+
+# Every preset, shrunk (width, depth, image size) but keeping its structure.
+SMALL = {
+    "ddpm_cifar10": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 3)),  # attention at 16 = level 0
+    "mnist_seed004": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
+    "seed001_unet": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # seed001_unet(16): attention at 2x2
+    "vdm_cifar10": (dict(ch=16, num_blocks=2, num_groups=8, attention=True), (8, 8, 3)),
+    "digits_unet": (dict(ch=16), (8, 8, 1)),
+    "toy_mlp": (dict(hidden=16), (2,)),
+    "seed003_per_step_heads": (dict(hidden=16), (2,)),
+    "seed002_mean_var_nets": ({}, (1,)),
+}
+
+
+def small_preset(name):
+    config = presets.PRESETS[name](16) if name == "seed001_unet" else presets.PRESETS[name]()
+    overrides, data_shape = SMALL[name]
+    config.update(overrides)
+    return config, data_shape
+
+
+def inputs(data_shape, name="", batch=4):
+    x = jax.random.normal(jax.random.PRNGKey(1), (batch,) + data_shape)
+    if name == "seed003_per_step_heads":
+        return x, jnp.array([1, 2, 39, 40])[:batch]
+    return x, jax.random.uniform(jax.random.PRNGKey(2), (batch,))
+
+
+def n_params(tree):
+    return sum(a.size for a in jax.tree_util.tree_leaves(tree))
+
+
+def test_presets_cover_every_network():
+    assert set(SMALL) == set(presets.PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_preset_output_shape(name):
+    """Output has x's shape, twice the channels with a learned variance (traced, not compiled)."""
+    config, data_shape = small_preset(name)
+    x, t = inputs(data_shape, name)
+    for learned in ((True,) if name == "seed002_mean_var_nets" else (False, True)):
+        model = build_model(config, data_shape, learned_variance=learned)
+        out = jax.eval_shape(lambda: model.apply(model.init(KEY, x, t), x, t))
+        assert out.shape == x.shape[:-1] + (x.shape[-1] * (2 if learned else 1),) and out.dtype == jnp.float32
+
+
+def test_ddpm_cifar10_has_35_7m_parameters():
+    """Ho et al. 2020 report 35.7M parameters for their CIFAR-10 model."""
+    model = build_model(presets.ddpm_cifar10(), (32, 32, 3))
+    x = jnp.zeros((1, 32, 32, 3))
+    count = n_params(jax.eval_shape(model.init, KEY, x, jnp.zeros((1,))))
+    assert abs(count - 35.7e6) / 35.7e6 < 0.005, count
+
+
+# --------------------------------------------------------------------------- a small conditional UNet
+
+DATA = (8, 8, 1)
+NUM_CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A small class-conditional UNet (zero-initialised output) and jitted apply; the returned params
+    have a random output layer so that the output is not identically zero."""
+    config = presets.digits_unet()
+    config.update(ch=16, num_res_blocks=1, dropout=0.5)
+    model = build_model(config, DATA, learned_variance=True, num_classes=NUM_CLASSES)
+    x, t = inputs(DATA)
+    fresh = jax.jit(model.init)(KEY, x, t, jnp.zeros((4,), jnp.int32))
+    head = fresh["params"]["OutputHead_0"]["Conv_0"]
+    params = flax.core.copy(fresh, {"params": {**fresh["params"], "OutputHead_0": {"Conv_0": {
+        **head, "kernel": 0.1 * jax.random.normal(KEY, head["kernel"].shape)}}}})
+    apply = jax.jit(model.apply, static_argnames="train")
+    return model, fresh, params, apply, x, t
+
+
+def test_zero_init_output_and_determinism(unet):
+    model, fresh, params, apply, x, t = unet
+    assert np.array_equal(apply(fresh, x, t), np.zeros((4,) + DATA[:2] + (2,)))
+    out = apply(params, x, t)
+    assert np.all(np.isfinite(out)) and np.array_equal(out, apply(params, x, t))
+
+
+def test_dropout_only_with_train_and_rng(unet):
+    model, _, params, apply, x, t = unet
+    y = jnp.arange(4)
+    k1, k2 = jax.random.split(KEY)
+    eval_out = apply(params, x, t, y)
+    assert np.array_equal(eval_out, apply(params, x, t, y, rngs={"dropout": k1}))  # rng ignored without train
+    train1 = apply(params, x, t, y, train=True, rngs={"dropout": k1})
+    assert np.array_equal(train1, apply(params, x, t, y, train=True, rngs={"dropout": k1}))
+    assert not np.allclose(train1, apply(params, x, t, y, train=True, rngs={"dropout": k2}))
+    assert not np.allclose(train1, eval_out)
+    with pytest.raises(flax.errors.InvalidRngError):
+        model.apply(params, x, t, y, train=True)
+
+
+def test_output_changes_with_neighbouring_t(unet):
+    _, _, params, apply, x, t = unet
+    y = jnp.arange(4)
+    step = 1.0 / 1000  # neighbouring steps of a T = 1000 chain
+    diff = np.abs(apply(params, x, t + step, y) - apply(params, x, t, y)).max(axis=(1, 2, 3))
+    assert np.all(diff > 1e-3), diff
+
+
+def test_output_changes_with_label_and_null_label(unet):
+    _, _, params, apply, x, t = unet
+    outs = [apply(params, x, t, jnp.full((4,), c, jnp.int32)) for c in (3, 4, NUM_CLASSES)]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert np.abs(outs[a] - outs[b]).max(axis=(1, 2, 3)).min() > 1e-3
+    assert np.array_equal(apply(params, x, t, None), outs[2])  # cond=None is the null class
+
+
+def test_time_embedding_separates_neighbouring_t():
+    """Step k -> k+1 moves the frequency-1 (sin, cos) pair by 2 sin(1/2); all 1001 steps stay apart."""
+    for time_range, values in [((0.0, 1.0), jnp.linspace(0.0, 1.0, 1001)),
+                               ((13.3, -5.0), jnp.linspace(13.3, -5.0, 1001))]:  # VDM's normalised log-SNR
+        emb = np.asarray(layers.sinusoidal_embedding(layers.normalise_time(values, time_range) * 1000, 128))
+        dist = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+        assert np.diag(dist, 1).min() >= 2 * np.sin(0.5) - 1e-3
+        assert (dist + 10 * np.eye(len(emb))).min() > 0.5
+
+
+def test_vdm_net_zero_init_skip_and_log_snr_conditioning():
+    """Untrained, the VDM net outputs exactly its input (zero output conv + base-measure skip); with a
+    random output conv the output moves between neighbouring log-SNRs."""
+    config, data_shape = small_preset("vdm_cifar10")
+    model = build_model(config, data_shape)
+    x, _ = inputs(data_shape)
+    log_snr = jnp.linspace(-4.0, 12.0, 4)
+    apply = jax.jit(model.apply)
+    params = jax.jit(model.init)(KEY, x, log_snr)
+    assert np.array_equal(apply(params, x, log_snr), x)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: jax.random.normal(KEY, p.shape) if "OutputHead" in jax.tree_util.keystr(path) else p, params)
+    diff = np.abs(apply(params, x, log_snr + 18.3 / 1000) - apply(params, x, log_snr))
+    assert np.all(diff.max(axis=(1, 2, 3)) > 1e-3), diff.max(axis=(1, 2, 3))
+
+
+def test_bfloat16_compute_float32_params(unet):
+    """bfloat16 compute keeps float32 parameters and output, close to the float32 network."""
+    model, _, params, apply, x, t = unet
+    bf16 = model.clone(dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(jax.eval_shape(bf16.init, KEY, x, t))} == {
+        jnp.dtype(jnp.float32)}
+    ref, low = apply(params, x, t), jax.jit(bf16.apply)(params, x, t)
+    assert low.dtype == jnp.float32
+    assert np.linalg.norm(low - ref) / np.linalg.norm(ref) < 0.05
+
+
+# --------------------------------------------------------------------------- toy networks
+
+
+def test_per_step_heads_use_head_t_minus_1():
+    """Changing head k's weights changes exactly the outputs of the examples with t = k + 1."""
+    model = build_model(presets.seed003_per_step_heads(), (2,), learned_variance=True)
+    x, t = inputs((2,), "seed003_per_step_heads")  # t = 1, 2, 39, 40
+    params = jax.jit(model.init)(KEY, x, t)
+    apply = jax.jit(model.apply)
+    bumped = jax.tree_util.tree_map_with_path(
+        lambda path, p: p.at[38].add(1.0) if "head" in jax.tree_util.keystr(path) else p, params)
+    changed = np.abs(apply(bumped, x, t) - apply(params, x, t)).max(axis=1) > 0
+    assert changed.tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="int32 timestep"):
+        model.apply(params, x, t.astype(jnp.float32))
+
+
+def test_mean_var_nets_are_separate():
+    model = build_model(presets.seed002_mean_var_nets(), (1,), learned_variance=True)
+    x, t = inputs((1,))
+    params = jax.jit(model.init)(KEY, x, t)
+    apply = jax.jit(model.apply)
+    bumped = jax.tree_util.tree_map_with_path(
+        lambda path, p: p + 1.0 if "var_" in jax.tree_util.keystr(path) else p, params)
+    before, after = apply(params, x, t), apply(bumped, x, t)
+    assert np.array_equal(before[:, :1], after[:, :1]) and not np.allclose(before[:, 1:], after[:, 1:])
+
+
+# --------------------------------------------------------------------------- learned schedule
+
+GRID = jnp.linspace(0.0, 1.0, 2001)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def values_and_slopes(schedule, params):
+    """log_snr on GRID and its t-derivative (what the continuous-time VDM loss uses)."""
+    f = lambda t: schedule.apply(params, t)
+    return f(GRID), jax.vmap(jax.grad(f))(GRID), f(jnp.array([0.0, 1.0]))
+
+
+def assert_strictly_decreasing(schedule, params):
+    values, slopes, ends = values_and_slopes(schedule, params)
+    assert np.all(np.diff(np.asarray(values)) < 0) and np.all(slopes < 0)
+    return np.asarray(ends)
+
+
+def test_learned_schedule_monotone_at_random_initialisations():
+    schedule = LearnedLogSNR(log_snr_max=13.3, log_snr_min=-5.0)
+    init = jax.jit(schedule.init)
+    for seed in range(3):
+        key, wild_key = jax.random.split(jax.random.PRNGKey(seed))
+        params = init(key, GRID)
+        np.testing.assert_allclose(assert_strictly_decreasing(schedule, params), [13.3, -5.0], atol=1e-5)
+        # Weights of any sign and scale: monotone by construction, not by the initialiser.
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(wild_key, len(leaves))
+        wild = treedef.unflatten([5.0 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+        np.testing.assert_allclose(assert_strictly_decreasing(schedule, wild), [13.3, -5.0], atol=1e-5)
+
+
+@pytest.mark.parametrize("learn_endpoints", [False, True])
+def test_learned_schedule_after_gradient_steps(learn_endpoints):
+    """Fit a non-monotone target: the schedule stays strictly decreasing; fixed endpoints stay put,
+    learned ones move towards the target's."""
+    start, target_ends = np.array([10.0, -6.0]), np.array([4.0, -8.0])
+    schedule = LearnedLogSNR(log_snr_max=10.0, log_snr_min=-6.0, hidden=256, learn_endpoints=learn_endpoints)
+    t = jnp.linspace(0.0, 1.0, 64)
+    target = 4.0 - 12.0 * t + 6.0 * jnp.sin(2 * jnp.pi * t)  # ends 4 and -8, wiggles in between
+    opt = optax.adam(0.05)
+
+    def loss_fn(params):
+        return jnp.mean((schedule.apply(params, t) - target) ** 2)
+
+    @jax.jit
+    def train(params):
+        def step(carry, _):
+            params, state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, state = opt.update(grads, state)
+            return (optax.apply_updates(params, updates), state), loss
+        (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=150)
+        return params, losses
+
+    params, losses = train(schedule.init(KEY, t))
+    assert losses[-1] < 0.5 * losses[0]  # it did learn
+    ends = assert_strictly_decreasing(schedule, params)
+    if learn_endpoints:
+        assert np.all(np.abs(ends - target_ends) < 0.75 * np.abs(start - target_ends)), ends
+    else:
+        np.testing.assert_allclose(ends, start, atol=1e-5)
+
+
+def test_learned_schedule_rejects_bad_settings():
+    with pytest.raises(ValueError, match="log_snr_max"):
+        LearnedLogSNR(log_snr_max=-5.0, log_snr_min=3.0)
+    with pytest.raises(ValueError, match="hidden"):
+        LearnedLogSNR(hidden=0)
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def _with(preset, **fields):
+    config = preset()
+    config.update(fields)
+    return config
+
+
+_unet = functools.partial(_with, presets.ddpm_cifar10)
+
+
+BAD = [
+    (_unet(ch_mult=()), (32, 32, 3), {}, "model.ch_mult"),
+    (_unet(attn_resolutions=(16, 3)), (32, 32, 3), {}, "model.attn_resolutions"),
+    (_unet(), (36, 36, 3), {}, "model.ch_mult.*divisible by 8"),
+    (_unet(num_groups=24), (32, 32, 3), {}, "model.num_groups"),
+    (_unet(num_heads=3), (32, 32, 3), {}, "model.num_heads"),
+    (_unet(dropout=1.5), (32, 32, 3), {}, "model.dropout"),
+    (_unet(dtype="float16"), (32, 32, 3), {}, "model.dtype"),
+    (_unet(time_range=(1.0, 1.0)), (32, 32, 3), {}, "model.time_range"),
+    (_unet(), (32, 3), {}, "model.name"),
+    (_unet(channels=64), (32, 32, 3), {}, "model.channels"),
+    (_unet(learned_variance=True), (32, 32, 3), {}, "model.learned_variance"),
+    (_unet(name="resnet"), (32, 32, 3), {}, "model.name"),
+    (_with(presets.vdm_cifar10, num_groups=12), (32, 32, 3), {}, "model.num_groups"),
+    (presets.toy_mlp(), (8, 8, 1), {}, "model.name"),
+    (presets.seed002_mean_var_nets(), (1,), {"learned_variance": False}, "learned variance"),
+    (presets.seed003_per_step_heads(), (2,), {"num_classes": 10}, "model.num_classes"),
+]
+
+
+@pytest.mark.parametrize("config,data_shape,kwargs,message", BAD)
+def test_bad_settings_raise_at_construction(config, data_shape, kwargs, message):
+    """build_model only constructs and checks the module: the error comes before any trace or compile."""
+    with pytest.raises(ValueError, match=message):
+        build_model(config, data_shape, **kwargs)
