@@ -1,0 +1,172 @@
+"""Draw samples from a trained workdir's checkpoint (EMA parameters by default).
+
+    python scripts/sample.py --workdir=runs/digits
+    python scripts/sample.py --workdir=runs/digits --sampler=ddim --num_steps=50 --eta=0.0
+    python scripts/sample.py --workdir=runs/mixture1d --num_samples=2000
+    python scripts/sample.py --workdir=runs/cifar10_cond --guidance_scale=2.0 --label=3
+
+The config is the one the run saved (workdir/config.json) unless --config names a
+file. Writes into --out (default workdir/samples/<sampler>_<steps>steps_seed<seed>/):
+  samples.npz       samples [N, ...], and the trajectory (times, x_t, x0_hat) every
+                    few steps (at most --frames records)
+  images:           grid.png (the samples) and denoise.gif (seed 000's two animations
+                    side by side: the noisy x_t and the predicted x_0 at each step)
+  1-D toy data:     hist.png (histogram against the data density) and
+                    trajectories.png (seed 002's paths through time, coloured by mode)
+  2-D toy data:     scatter.png (samples over fresh data and the density contours)
+"""
+import ast
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
+                                          lock_config=False)
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to load (-1: the latest).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
+_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "One of vdm.samplers.SAMPLERS.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "Sampling steps (0: all T steps; required in "
+                                  "continuous time unless the config's sample.num_steps is set).")
+_SPACING = flags.DEFINE_string("spacing", "linspace", "Time spacing of a reduced grid.")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (sampler=ddim).")
+_OPTIONS = flags.DEFINE_multi_string("option", [], "Other sampler options as key=value, e.g. method=heun, "
+                                     "corrector_steps=2, snr=0.16, steps_per_level=50.")
+_CLIP = flags.DEFINE_bool("clip_x0", None, "Clip predicted x0 to [-1, 1] (default: on for images).")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (class-conditional models).")
+_LABEL = flags.DEFINE_integer("label", -1, "Class label for conditional models (-1: cycle through the classes).")
+_NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_FRAMES = flags.DEFINE_integer("frames", 100, "At most this many trajectory records (GIF frames, paths).")
+_OUT = flags.DEFINE_string("out", "", "Output directory.")
+
+
+def load_config(workdir: str, config):
+    """The --config, or the config the training run saved as workdir/config.json."""
+    import ml_collections
+
+    if config is not None:
+        return config
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise app.UsageError(f"{path} not found: pass --config, or a workdir written by scripts/train.py")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, train_cfg, step: int, raw: bool):
+    """The (EMA) parameters of a checkpoint, restored as saved (no template needed)."""
+    import orbax.checkpoint as ocp
+
+    from vdm import train
+
+    manager = train.checkpoint_manager(workdir, train_cfg)
+    step = manager.latest_step() if step < 0 else step
+    if step is None or step not in manager.all_steps():
+        raise app.UsageError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
+                             f"available steps: {list(manager.all_steps())}")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    return state["params" if raw else "ema_params"], step
+
+
+def parse_options(pairs):
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise app.UsageError(f"--option must be key=value, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    import jax
+    import numpy as np
+
+    from vdm import data, samplers, train, viz
+
+    workdir = _WORKDIR.value
+    config = load_config(workdir, _CONFIG.value)
+    options = parse_options(_OPTIONS.value)
+    if _ETA.value is not None:
+        options["eta"] = _ETA.value
+    dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
+                                 seed=config.seed)
+    setup = train.build_setup(config, dataset)
+    params, step = restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    process, d = setup.process, config.diffusion
+    images = len(dataset.data_shape) == 3
+
+    num_steps = _NUM_STEPS.value or config.get("sample", {}).get("num_steps", 0) or None
+    if num_steps is None and not process.discrete:
+        raise app.UsageError("--num_steps is required for a continuous-time model")
+    steps = num_steps or process.T
+    every = max(1, math.ceil(steps / _FRAMES.value))
+    clip = images if _CLIP.value is None else _CLIP.value
+
+    num_classes = config.model.get("num_classes", 0)
+    labels, extra = None, {}
+    if num_classes:
+        labels = (np.full(_NUM.value, _LABEL.value) if _LABEL.value >= 0
+                  else np.arange(_NUM.value) % num_classes).astype(np.int32)
+
+        def model_fn(x_t, t, cond):
+            s = process.log_snr(params, t) if d.time_input == "log_snr" else t
+            return setup.network.apply({"params": params["net"]}, x_t, s, cond)
+
+        extra = dict(labels=labels, null_label=num_classes)
+        if _GUIDANCE.value is not None:
+            extra["guidance_scale"] = _GUIDANCE.value
+    else:
+        if _GUIDANCE.value is not None:
+            raise app.UsageError("--guidance_scale needs a class-conditional model (config.model.num_classes > 0)")
+        model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+
+    samples, traj = samplers.sample(
+        model_fn, jax.random.PRNGKey(_SEED.value), (_NUM.value,) + tuple(dataset.data_shape),
+        sampler=_SAMPLER.value, schedule=process.schedule,
+        log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
+        num_steps=num_steps, spacing=_SPACING.value, parameterization=d.parameterization,
+        variance_type=d.variance, clip_x0=(-1.0, 1.0) if clip else None, trajectory_every=every,
+        **extra, **options)
+    samples, traj = np.asarray(samples), jax.tree.map(np.asarray, traj)
+
+    out = _OUT.value or os.path.join(workdir, "samples", f"{_SAMPLER.value}_{steps}steps_seed{_SEED.value}")
+    os.makedirs(out, exist_ok=True)
+    written = [os.path.join(out, "samples.npz")]
+    np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,
+             **({} if labels is None else {"labels": labels}), checkpoint_step=step)
+    if images:
+        written.append(viz.save_image_grid(os.path.join(out, "grid.png"), np.clip(samples, -1, 1)))
+        n = min(len(samples), 64)
+        written.append(viz.save_denoising_gif(os.path.join(out, "denoise.gif"), traj.x[:, :n],
+                                              traj.x0[:, :n], max_frames=_FRAMES.value))
+    elif samples.shape[-1] == 1:
+        written.append(viz.plot_1d_samples(os.path.join(out, "hist.png"), samples, dataset.log_prob,
+                                           title=f"{_SAMPLER.value}, {steps} steps"))
+        written.append(viz.plot_trajectories(os.path.join(out, "trajectories.png"), traj.x))
+    else:
+        ref_ds = data.build_dataset(config.data, split="train", seed=config.seed,
+                                    global_batch_size=len(samples) * jax.local_device_count())
+        reference = ref_ds.get_batch(0)["x"].reshape((-1,) + tuple(dataset.data_shape))
+        written.append(viz.plot_2d_samples(os.path.join(out, "scatter.png"), samples, data=reference,
+                                           log_prob_fn=dataset.log_prob,
+                                           title=f"{_SAMPLER.value}, {steps} steps"))
+    print(f"checkpoint step {step}; {len(samples)} samples with {_SAMPLER.value}, {steps} steps")
+    for path in written:
+        print(f"  wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
