@@ -27,7 +27,7 @@ def get_config():
         variance="fixed_large", time_input="t"))
     config.loss = ml_collections.ConfigDict(dict(
         name="simple", loss_type="l2", weighting="none", target="", snr_gamma=5.0, hybrid_lambda=1e-3,
-        decoder="auto", importance_sampling=False, history=10))
+        decoder="auto", importance_sampling=False, history=10, antithetic=True))
     config.optim = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9, b2=0.99,
         eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))

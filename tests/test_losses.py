@@ -278,14 +278,13 @@ def test_elbo_terms_are_vlb_terms_at_each_t():
     def run():
         r = losses.discrete_elbo(model, key, x0, sch, parameterization="v", decoder="gaussian",
                                  chunk=3)
-        terms = []
-        for t in range(1, 8):
+        def term(t):
             eps = jax.random.normal(jax.random.fold_in(key, t), x0.shape)
             tt = jnp.full((3,), t)
             x_t, _ = diffusion.sample_q_xt_given_x0(None, x0, sch.log_snr[tt], eps)
-            terms.append(losses.vlb_term(model(x_t, tt), x0, x_t, tt, sch, "v", "fixed_small",
-                                         "gaussian"))
-        return r, jnp.stack(terms, axis=1)
+            return losses.vlb_term(model(x_t, tt), x0, x_t, tt, sch, "v", "fixed_small", "gaussian")
+
+        return r, jax.vmap(term, out_axes=1)(jnp.arange(1, 8))
 
     r, terms = run()
     np.testing.assert_allclose(r["decoder"], terms[:, 0], rtol=1e-5, atol=1e-6)
@@ -496,7 +495,7 @@ def test_vdm_discrete_T_form_matches_its_closed_form_and_bounds_the_continuous(v
 def test_vdm_prior_decoder_and_antithetic_times(vdm_runs):
     x0, out = vdm_runs
     total, m = out["linear", 0][0]
-    np.testing.assert_allclose(total, m["prior"] + m["diffusion"] + m["decoder"], rtol=1e-5)
+    np.testing.assert_allclose(total, m["prior"] + m["diffusion"] + m["decoder"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m["prior"], losses.prior_kl(x0, LAM_MIN), rtol=1e-5)
     t = np.sort(np.asarray(m["t"]))
     np.testing.assert_allclose(np.diff(t), 1 / t.size, atol=1e-5)  # evenly spread times
@@ -515,10 +514,10 @@ def test_vdm_loss_gradients_reach_a_learned_schedule_and_the_categorical_decoder
                                         decoder="categorical")[0])
 
     params = {"lmax": 10.0, "lmin": -6.0, "w": 0.5}
-    grad = jax.jit(jax.grad(loss), static_argnums=1)
-    for T in (0, 1000):
-        g = grad(params, T)
-        assert all(np.isfinite(v) and v != 0 for v in jax.tree_util.tree_leaves(g)), g
+    # Continuous time and T = 1000 in one compile: rows of the Jacobian.
+    g = jax.jit(jax.jacrev(lambda p: jnp.stack([loss(p, 0), loss(p, 1000)])))(params)
+    for v in jax.tree_util.tree_leaves(g):
+        assert np.all(np.isfinite(v)) and np.all(v != 0), g
 
 
 def test_bits_per_dim():

@@ -144,7 +144,7 @@ def validate_diffusion(d: ml_collections.ConfigDict) -> None:
 
 def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
     _require("loss", loss, ("name", "loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
-                            "decoder", "importance_sampling", "history"))
+                            "decoder", "importance_sampling", "history", "antithetic"))
     if d.time == "continuous":
         if loss.name != "vdm":
             _fail("loss.name", loss.name, "continuous time (diffusion.time = 'continuous') trains with 'vdm'")
@@ -163,6 +163,8 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     if loss.name == "simple" and diffusion_lib.learns_variance(d.variance):
         _fail("loss.name", "simple", f"the simple loss does not train the variance of diffusion.variance = "
               f"{d.variance!r}; use 'hybrid' or 'vlb', or a fixed variance ('fixed_small', 'fixed_large')")
+    if not isinstance(loss.antithetic, bool):
+        _fail("loss.antithetic", loss.antithetic, "must be True or False")
     if not isinstance(loss.importance_sampling, bool):
         _fail("loss.importance_sampling", loss.importance_sampling, "must be True or False")
     if loss.importance_sampling and (d.time != "discrete" or loss.name != "vlb"):

@@ -108,9 +108,9 @@ def posterior(mixture: GaussianMixture, x_t, log_snr, log_weights=None):
     x0_k = mixture.means + alpha * mixture.variances * resid
     x0_var_k = mixture.variances * sigma ** 2 / var
     x0 = jnp.sum(r * x0_k, axis=1)
-    x0_var = jnp.sum(r * (x0_var_k + x0_k ** 2), axis=1) - x0 ** 2
+    x0_var = jnp.sum(r * (x0_var_k + (x0_k - x0[:, None, :]) ** 2), axis=1)  # law of total variance
     eps = jnp.sum(r * sigma * resid, axis=1)
-    return x0, jnp.maximum(x0_var, 0.0), eps
+    return x0, x0_var, eps
 
 
 def score(mixture: GaussianMixture, x_t, log_snr):

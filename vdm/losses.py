@@ -388,7 +388,8 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
                   kind: str = "simple", parameterization: str = "eps",
                   variance_type: str = "fixed_small", loss_type: str = "l2",
                   weighting: str = "none", target: str | None = None, snr_gamma: float = 5.0,
-                  hybrid_lambda: float = 1e-3, decoder: str = "discretized", t=None, weights=None):
+                  hybrid_lambda: float = 1e-3, decoder: str = "discretized", t=None, weights=None,
+                  eps=None):
     """One Monte-Carlo sample of the discrete-time training loss per example.
 
     t ~ U{1..T} (or the given timesteps ``t`` with importance ``weights``, e.g. from
@@ -399,6 +400,9 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
               dimension, as in their code, estimates the whole bound sum_t L_t;
       vlb:    (prior_kl + T * vlb_term) in bits per dimension, an unbiased estimate of the
               -ELBO (use importance-sampled t to reduce its variance, §3.3).
+    ``eps`` (x0's shape), if given, is the noise of x_t instead of a draw from ``key``
+    (the training loop draws t and eps per example so that results do not depend on
+    how the batch is split over devices).
     The per-example loss is multiplied by ``weights`` (default 1). Returns (loss [B],
     metrics) with metrics t [B], vlb_term [B] (nats, no gradient; feed it to
     ``loss_history_update``) and simple [B] when computed.
@@ -426,7 +430,7 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
     t = jnp.asarray(t, jnp.int32)
 
     lam_s, lam_t = schedule.log_snr[t - 1], schedule.log_snr[t]
-    x_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t)
+    x_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t, eps)
     output = model_fn(x_t, t)
     pred, _ = diffusion.split_variance_output(output, variance_type)
     metrics = {"t": t}
@@ -541,7 +545,7 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
 
 def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
              antithetic: bool = True, parameterization: str = "eps",
-             decoder: str = "categorical", num_bins: int = 256):
+             decoder: str = "categorical", num_bins: int = 256, u=None, eps=None, eps_0=None):
     """-ELBO of a VDM (Kingma et al. 2021, eqs. 10-11), one Monte-Carlo sample per example,
     in nats: prior + diffusion + decoder, each [B].
 
@@ -556,7 +560,9 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
                  "discretized" (Ho et al. eq. 13 at mean z_0/alpha_0, scale sigma_0/alpha_0)
                  or "gaussian" (real-valued data, N(z_0/alpha_0, sigma_0^2/alpha_0^2)).
     ``antithetic`` spreads the batch's times evenly: t_i = (u + i/B) mod 1 (Kingma et al.
-    App. I.1, low-discrepancy sampler). Returns (total [B], metrics) with metrics prior,
+    App. I.1, low-discrepancy sampler). Given ``u`` (uniform numbers in [0, 1), [B]) replaces
+    that draw, and ``eps`` / ``eps_0`` (x0's shape) the noise of z_t / z_0 (the training loop
+    draws them per example). Returns (total [B], metrics) with metrics prior,
     diffusion, decoder and t, each [B].
     """
     diffusion.check_parameterization(parameterization)
@@ -567,7 +573,9 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
         raise ValueError(f"x0 must have shape [B, ...] with at least one data axis, got {jnp.shape(x0)}")
     B = x0.shape[0]
     key_t, key_eps, key_0 = jax.random.split(key, 3)
-    if antithetic:
+    if u is not None:
+        u = jnp.asarray(u, jnp.float32)
+    elif antithetic:
         u = jnp.mod(jax.random.uniform(key_t, ()) + jnp.arange(B) / B, 1.0)
     else:
         u = jax.random.uniform(key_t, (B,))
@@ -581,13 +589,13 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
         t = i / T
         lam_t = log_snr_fn(t)
         weight = 0.5 * T * jnp.expm1(log_snr_fn((i - 1) / T) - lam_t)
-    z_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t)
+    z_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t, eps)
     _, eps_hat = diffusion.x0_eps_from_output(model_fn(z_t, t), z_t, lam_t, parameterization)
     diff = weight * _sum_dims(jnp.square(eps - eps_hat))
 
     prior = prior_kl(x0, log_snr_fn(jnp.float32(1.0)))
     lam_0 = log_snr_fn(jnp.float32(0.0))
-    z_0, _ = diffusion.sample_q_xt_given_x0(key_0, x0, lam_0)
+    z_0, _ = diffusion.sample_q_xt_given_x0(key_0, x0, lam_0, eps_0)
     if decoder == "categorical":
         dec = -_sum_dims(vdm_categorical_decoder_log_likelihood(x0, z_0, lam_0, num_bins))
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -171,18 +172,40 @@ def make_model_fn(network, process: Process, time_input: str, params, *, train: 
 
 
 # ---------------------------------------------------------------------------
-# The objective, one example at a time.
+# The objective.
 # ---------------------------------------------------------------------------
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 1/phi: frac(u + i/phi) is a low-discrepancy sequence in i
+
+
+def example_keys(key, index):
+    """One key per example, folded from the step's key and the example's global index, so an
+    example's randomness does not depend on which device or host processes it."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+def example_normal(keys, x):
+    """eps_i ~ N(0, I) with x_i's shape, each from its own key."""
+    return jax.vmap(lambda k, xi: jax.random.normal(k, xi.shape, xi.dtype))(keys, x)
+
+
+def low_discrepancy_times(key, index):
+    """u_i = frac(u + i / phi), u ~ U(0, 1) per step: evenly spread times over the global batch
+    for any batch size or device split (the Kronecker sequence; Kingma et al. 2021, App. I.1,
+    spread u + i/B the same way)."""
+    return jnp.mod(jax.random.uniform(key, ()) + index.astype(jnp.float32) * GOLDEN, 1.0)
 
 
 class Objective(NamedTuple):
-    """The training objective of a config, for one example x (vmapped over the batch).
+    """The training objective of a config, on one device's share of a batch.
 
-    loss(params, key, x, loss_state, train) -> (scalar loss, aux);
-    nelbo_bpd(params, key, x) -> a Monte-Carlo (or exact) estimate of -ELBO(x) in bits/dim;
+    loss(params, key, index, x, loss_state, train) -> (per-example loss [b], aux): ``key``
+      is the step's key (the same on every device), ``index`` [b] the examples' global
+      indices, from which every random draw (t, noise) is folded;
+    nelbo_bpd(params, key, x) -> an estimate of -ELBO(x) in bits/dim for one example x;
     init_loss_state() -> the importance sampler's LossHistory ({} when unused);
     update_loss_state(loss_state, aux) -> the history after a step, from the aux of the
-    whole global batch.
+      whole global batch.
     """
 
     loss: Callable
@@ -203,26 +226,42 @@ def decoder_for(loss_cfg: ml_collections.ConfigDict, discrete_8bit: bool) -> str
 
 def build_objective(config: ml_collections.ConfigDict, network, process: Process, *,
                     discrete_8bit: bool) -> Objective:
-    """The loss of ``config.loss`` from ``vdm.losses`` and the ELBO estimate of ``config.eval``."""
+    """The loss of ``config.loss`` from ``vdm.losses`` and the ELBO estimate of ``config.eval``.
+
+    Timesteps and noise are drawn here per example and handed to the loss. Dropout
+    masks come from one key per device (Flax draws a mask per batch), so with dropout
+    a step matches across device counts in distribution only.
+    """
     d, lc, ev = config.diffusion, config.loss, config.eval
     decoder = decoder_for(lc, discrete_8bit)
     importance = process.discrete and lc.importance_sampling
 
     def model_fn(params, key, train):
-        return make_model_fn(network, process, d.time_input, params, train=train, dropout_key=key)
+        return make_model_fn(network, process, d.time_input, params, train=train,
+                             dropout_key=key if train else None)
+
+    def split(key, index):
+        """Per-example keys for (t, eps, eps_0) and one device key for dropout."""
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
+        return keys[:, 0], keys[:, 1], keys[:, 2], jax.random.fold_in(keys[0, 0], 1)
 
     if process.discrete:
         common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
 
-        def loss(params, key, x, loss_state, train):
-            k_drop, k_t, k_loss = jax.random.split(key, 3)
-            t, w = losses.loss_history_sample(loss_state, k_t, 1) if importance else (None, None)
+        def loss(params, key, index, x, loss_state, train):
+            k_t, k_eps, _, k_drop = split(key, index)
+            if importance:
+                t, w = jax.vmap(lambda k: losses.loss_history_sample(loss_state, k, 1))(k_t)
+                t, w = t[:, 0], w[:, 0]
+            else:
+                t = jax.vmap(lambda k: jax.random.randint(k, (), 1, process.T + 1))(k_t)
+                w = None
             values, metrics = losses.discrete_loss(
-                model_fn(params, k_drop, train), k_loss, x[None], process.schedule, kind=lc.name,
+                model_fn(params, k_drop, train), k_drop, x, process.schedule, kind=lc.name,
                 loss_type=lc.loss_type, weighting=lc.weighting, target=lc.target or None,
-                snr_gamma=lc.snr_gamma, hybrid_lambda=lc.hybrid_lambda, t=t, weights=w, **common)
-            aux = {"t": metrics["t"][0], "vlb_term": metrics["vlb_term"][0]} if importance else {}
-            return values[0], aux
+                snr_gamma=lc.snr_gamma, hybrid_lambda=lc.hybrid_lambda, t=t, weights=w,
+                eps=example_normal(k_eps, x), **common)
+            return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance else {})
 
         def nelbo_nats(params, key, x):
             fn = model_fn(params, None, False)
@@ -234,19 +273,23 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
     else:
         common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
 
-        def vdm_nats(params, key, x, train):
-            k_drop, k_loss = jax.random.split(key)
+        def vdm_nats(params, key, index, x, train):
+            k_t, k_eps, k_eps0, k_drop = split(key, index)
+            u = (low_discrepancy_times(key, index) if lc.antithetic
+                 else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             total, _ = losses.vdm_loss(model_fn(params, k_drop, train),
-                                       lambda t: process.log_snr(params, t), k_loss, x[None],
-                                       antithetic=False, **common)
-            return total[0]
+                                       lambda t: process.log_snr(params, t), k_drop, x,
+                                       u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
+                                       **common)
+            return total
 
-        def loss(params, key, x, loss_state, train):
-            return losses.bits_per_dim(vdm_nats(params, key, x, train), x.size), {}
+        def loss(params, key, index, x, loss_state, train):
+            return losses.bits_per_dim(vdm_nats(params, key, index, x, train), math.prod(x.shape[1:])), {}
 
         def nelbo_nats(params, key, x):
-            keys = jax.random.split(key, ev.elbo_samples)
-            return jnp.mean(jax.lax.map(lambda k: vdm_nats(params, k, x, False), keys))
+            index = jnp.arange(ev.elbo_samples)
+            return jnp.mean(vdm_nats(params, key, index, jnp.broadcast_to(x, (ev.elbo_samples,) + x.shape),
+                                     False))
 
     def nelbo_bpd(params, key, x):
         return losses.bits_per_dim(nelbo_nats(params, key, x), x.size)
@@ -297,13 +340,6 @@ def build_setup(config: ml_collections.ConfigDict, dataset) -> Setup:
 # ---------------------------------------------------------------------------
 
 
-def example_keys(rng, step, global_index):
-    """One key per example from (run key, step, global example index): the randomness of an
-    example does not depend on which device or host processes it."""
-    step_key = jax.random.fold_in(rng, step)
-    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(global_index)
-
-
 def global_example_index(per_device_batch: int):
     """Global indices of this device's examples: device d (over all hosts) holds
     examples d * per_device_batch ... (d + 1) * per_device_batch - 1 of the global batch."""
@@ -319,12 +355,11 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     batch, gathered in global example order.
     """
     x = batch["x"]
-    keys = example_keys(state.rng, state.step, global_example_index(x.shape[0]))
+    key, index = jax.random.fold_in(state.rng, state.step), global_example_index(x.shape[0])
 
     def mean_loss(params):
-        per_ex, aux = jax.vmap(objective.loss, in_axes=(None, 0, 0, None, None))(
-            params, keys, x, state.loss_state, True)
-        return per_ex.mean(), aux
+        per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
+        return per_example.mean(), aux
 
     (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
@@ -359,9 +394,9 @@ def eval_step(params, loss_state, batch, rng, batch_index, *, objective):
     """Sums over one eval batch of the held-out loss and of the -ELBO estimate (bits/dim),
     over the real examples (``batch["mask"]``), with per-example keys as in training."""
     x, mask = batch["x"], batch["mask"]
-    keys = example_keys(rng, batch_index, global_example_index(x.shape[0]))
-    loss, _ = jax.vmap(objective.loss, in_axes=(None, 0, 0, None, None))(params, keys, x, loss_state, False)
-    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, keys, x)
+    key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0])
+    loss, _ = objective.loss(params, key, index, x, loss_state, False)
+    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, example_keys(key, index), x)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
     return jax.lax.psum(sums, AXIS)
 

@@ -96,10 +96,9 @@ def group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype):
     return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype)
 
 
-def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, strides: int = 1, kernel_init=default_init,
-            name: str | None = None):
+def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, strides: int = 1, kernel_init=default_init):
     return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", kernel_init=kernel_init,
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+                   dtype=dtype, param_dtype=param_dtype)
 
 
 class ResBlock(nn.Module):

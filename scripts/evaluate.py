@@ -1,0 +1,257 @@
+"""Evaluate a trained workdir: the negative ELBO over a split, and sample quality.
+
+    python scripts/evaluate.py --workdir=runs/digits                       # exact sum over T terms
+    python scripts/evaluate.py --workdir=runs/digits --elbo=exact,mc --num_samples=16
+    python scripts/evaluate.py --workdir=runs/mixture1d --sample_metrics --mode_centres=-4,4
+    python scripts/evaluate.py --workdir=runs/cifar10 --sample_metrics --inception_weights=inception_fid.npz
+
+Likelihood (``vdm.evaluate.negative_elbo``): every example of ``--split``,
+in bits/dim for images and nats for toy data, with standard errors and the
+prior / diffusion / decoder breakdown. ``--elbo`` is a comma list of
+``exact`` (discrete models: the sum over all T terms, Ho et al. 2020 eq. 5)
+and ``mc`` (``--num_samples`` Monte-Carlo draws per example; the only choice
+in continuous time). With both, the difference exact - mc and its standard
+error are reported. Toy data with an exact density also get the exact NLL and
+the gap -ELBO - NLL.
+
+Sample quality (``--sample_metrics``): ``--num_generated`` samples from the
+EMA parameters with ``--sampler``. Toy data: MMD and sliced Wasserstein to
+fresh data, and with ``--mode_centres`` the fraction of samples nearest each
+centre. Images: the Fréchet distance in the features of a small classifier
+trained on the training split (cached in the workdir), and FID when
+``--inception_weights`` names the weights file (nothing is downloaded).
+
+Prints the tables and writes ``<workdir>/eval_<split>.json`` (or ``--out``).
+"""
+import json
+import math
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ELBO_METHODS = ("exact", "mc")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
+                                          lock_config=False)
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate the ELBO on.")
+_ELBO = flags.DEFINE_list("elbo", [], "Comma list of ELBO estimates, from exact, mc (default: exact for "
+                          "a discrete model, mc for a continuous one; none to skip the ELBO).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "Monte-Carlo draws per example for --elbo=mc "
+                                    "(0: the config's eval.elbo_samples).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (0: the config's eval.batch_size).")
+_MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
+_CHUNK = flags.DEFINE_integer("chunk", 0, "Timesteps per model call in the exact sum (0: eval.elbo_chunk).")
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
+_RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
+_SAMPLE_METRICS = flags.DEFINE_bool("sample_metrics", False, "Also draw samples and measure their quality.")
+_NUM_GENERATED = flags.DEFINE_integer("num_generated", 1000, "Samples drawn for --sample_metrics.")
+_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "Sampler for --sample_metrics (vdm.samplers.SAMPLERS).")
+_SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 0, "Sampling steps (0: all T; continuous time: "
+                                       "the config's sample.num_steps).")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (--sampler=ddim).")
+_MODES = flags.DEFINE_list("mode_centres", [], "Toy data: mode centres (1-D: numbers; 2-D: x:y pairs); "
+                           "reports the fraction of samples nearest each.")
+_INCEPTION = flags.DEFINE_string("inception_weights", "", "InceptionV3 FID weights (.npz) for FID on images.")
+_CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 1000, "Training steps of the feature classifier "
+                                         "(first use only; cached in the workdir).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
+_OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<split>.json).")
+
+
+def load_config(workdir: str, config):
+    """The --config, or the config the training run saved as workdir/config.json."""
+    import ml_collections
+
+    if config is not None:
+        return config
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise app.UsageError(f"{path} not found: pass --config, or a workdir written by scripts/train.py")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, train_cfg, step: int, raw: bool):
+    """The (EMA) parameters of a checkpoint and its step."""
+    import orbax.checkpoint as ocp
+
+    from vdm import train
+
+    manager = train.checkpoint_manager(workdir, train_cfg)
+    step = manager.latest_step() if step < 0 else step
+    if step is None or step not in manager.all_steps():
+        raise app.UsageError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
+                             f"available steps: {list(manager.all_steps())}")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    return state["params" if raw else "ema_params"], step
+
+
+def elbo_methods(values, discrete: bool) -> list:
+    methods = values or (["exact"] if discrete else ["mc"])
+    if methods == ["none"]:
+        return []
+    for m in methods:
+        if m not in ELBO_METHODS:
+            raise app.UsageError(f"--elbo={m!r}: allowed values are {ELBO_METHODS} (comma-separated) or none")
+        if m == "exact" and not discrete:
+            raise app.UsageError("--elbo=exact needs a discrete-time model (diffusion.time = 'discrete'); use mc")
+    return methods
+
+
+def parse_centres(values):
+    """--mode_centres as an array [K, D]: numbers (1-D) or x:y pairs (2-D)."""
+    import numpy as np
+
+    try:
+        return np.array([[float(c) for c in v.split(":")] for v in values], np.float64)
+    except ValueError:
+        raise app.UsageError(f"--mode_centres must be numbers or x:y pairs, got {values}")
+
+
+def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk):
+    """The per-example terms function of ``vdm.evaluate`` for a method and this model."""
+    from vdm import evaluate, train
+
+    d, process = config.diffusion, setup.process
+    model_fn_of = lambda p: train.make_model_fn(setup.network, process, d.time_input, p)
+    if not process.discrete:
+        return evaluate.vdm_elbo_terms(model_fn_of, process.log_snr, num_samples, T=d.T,
+                                       parameterization=d.parameterization, decoder=decoder)
+    common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
+    if method == "exact":
+        return evaluate.discrete_elbo_terms(model_fn_of, process.schedule, chunk=chunk, **common)
+    return evaluate.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
+
+
+def draw_samples(setup, config, params, key, shape, images):
+    """Samples of ``shape`` [n, ...] from the model with the flags' sampler, and the step count."""
+    import numpy as np
+
+    from vdm import samplers, train
+
+    d, process = config.diffusion, setup.process
+    steps = _SAMPLING_STEPS.value or config.get("sample", {}).get("num_steps", 0) or None
+    if steps is None and not process.discrete:
+        raise app.UsageError("--sampling_steps is required for a continuous-time model")
+    options = {} if _ETA.value is None else {"eta": _ETA.value}
+    model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+    x = samplers.sample(model_fn, key, shape, sampler=_SAMPLER.value,
+                        schedule=process.schedule,
+                        log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
+                        num_steps=steps, parameterization=d.parameterization, variance_type=d.variance,
+                        clip_x0=(-1.0, 1.0) if images else None, **options)
+    return np.asarray(x), steps or process.T
+
+
+def image_sample_metrics(workdir, config, dataset, real, samples, seed):
+    """Classifier Fréchet distance (and FID with --inception_weights) of image samples."""
+    from vdm import data, evaluate
+
+    out = {}
+    if dataset.num_classes:
+        train_ds = data.build_dataset(config.data, split="train", global_batch_size=128, seed=config.seed)
+
+        def batch_fn(i):
+            b = train_ds.get_batch(i)
+            return (b["x"].reshape((-1,) + tuple(dataset.data_shape)), b["label"].reshape(-1))
+
+        features = evaluate.load_or_train_classifier(workdir, batch_fn, dataset.num_classes,
+                                                     dataset.data_shape, num_steps=_CLASSIFIER_STEPS.value,
+                                                     seed=seed)
+        out["classifier_fd"] = evaluate.classifier_frechet_distance(features, samples, real)
+    else:
+        print("classifier Fréchet distance skipped: the data set has no labels to train the classifier on")
+    if _INCEPTION.value:
+        try:
+            features = evaluate.inception_features(_INCEPTION.value)
+        except (FileNotFoundError, ValueError) as e:
+            raise app.UsageError(str(e))
+        out["fid"] = evaluate.classifier_frechet_distance(features, samples, real)
+    else:
+        print("FID skipped: pass --inception_weights=FILE (no weights are downloaded).\n"
+              + evaluate.INCEPTION_WEIGHTS_HELP)
+    return out
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    import jax
+    import numpy as np
+
+    from vdm import data, evaluate, toy_data, train
+
+    workdir = _WORKDIR.value
+    config = load_config(workdir, _CONFIG.value)
+    ev = config.eval
+    batch_size = _BATCH.value or ev.batch_size
+    num_samples = _NUM_SAMPLES.value or ev.elbo_samples
+    dataset = data.build_dataset(config.data, split=_SPLIT.value, global_batch_size=batch_size,
+                                 seed=config.seed)
+    setup = train.build_setup(config, dataset)
+    methods = elbo_methods(_ELBO.value, setup.process.discrete)
+    centres = parse_centres(_MODES.value) if _MODES.value else None
+    images = len(dataset.data_shape) == 3
+    if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
+        raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
+                             + evaluate.INCEPTION_WEIGHTS_HELP)
+    params, step = restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    key = jax.random.PRNGKey(_SEED.value)
+
+    decoder = train.decoder_for(config.loss, dataset.is_discrete_8bit)
+    num_dims = int(np.prod(dataset.data_shape)) if images else None
+    result = {"workdir": workdir, "checkpoint_step": step, "split": _SPLIT.value,
+              "params": "raw" if _RAW.value else "ema", "elbo": {}}
+    for m in methods:
+        terms_fn = elbo_terms_fn(m, setup, config, decoder, num_samples, _CHUNK.value or ev.elbo_chunk)
+        label = "exact sum over T terms" if m == "exact" else f"Monte Carlo, {num_samples} draws per example"
+        r = evaluate.negative_elbo(terms_fn, params, evaluate.epoch_batches(dataset, batch_size),
+                                   jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
+                                   log_prob_fn=dataset.log_prob, max_batches=_MAX_BATCHES.value or None,
+                                   method=label)
+        result["elbo"][m] = r
+        print(evaluate.format_table(r), end="\n\n")
+    if len(result["elbo"]) == 2:
+        a, b = (result["elbo"][m]["terms"]["total"] for m in ELBO_METHODS)
+        diff = {"mean": a["mean"] - b["mean"], "stderr_mc": b["stderr"]}
+        diff["within_stderr"] = abs(diff["mean"]) <= b["stderr"]
+        result["exact_minus_mc"] = diff
+        print(f"exact - mc = {diff['mean']:+.5f} (mc stderr {b['stderr']:.5f}; "
+              f"{'within' if diff['within_stderr'] else 'outside'} one standard error)\n")
+
+    if _SAMPLE_METRICS.value:
+        n = _NUM_GENERATED.value
+        samples, steps = draw_samples(setup, config, params, jax.random.fold_in(key, 1000),
+                                      (n,) + tuple(dataset.data_shape), images)
+        metrics = {"sampler": _SAMPLER.value, "steps": steps, "num_samples": n}
+        if images:
+            real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[
+                :dataset.num_examples]
+            metrics.update(image_sample_metrics(workdir, config, dataset, real, samples, _SEED.value))
+        else:
+            dist = toy_data.get(config.data.name)
+            fresh = dist.sample(np.random.default_rng([_SEED.value, 7]), n)
+            metrics.update(evaluate.toy_sample_metrics(jax.random.fold_in(key, 2000), samples, fresh))
+            if centres is not None:
+                metrics["mode_centres"] = centres.tolist()
+                metrics["mode_fractions"] = evaluate.mode_fractions(samples, centres).tolist()
+                metrics["mode_fractions_stderr"] = [math.sqrt(p * (1 - p) / n)
+                                                    for p in metrics["mode_fractions"]]
+        result["samples"] = metrics
+        print(f"sample quality ({_SAMPLER.value}, {steps} steps, {n} samples)")
+        for k, v in metrics.items():
+            if k not in ("sampler", "steps", "num_samples"):
+                print(f"  {k:<22}{v}")
+
+    out = _OUT.value or os.path.join(workdir, f"eval_{_SPLIT.value}.json")
+    print(f"wrote {evaluate.save_json(out, result)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
