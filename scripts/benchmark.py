@@ -124,6 +124,9 @@ def jaxpr_flops(jaxpr) -> int:
             inner *= eqn.params["length"]
         elif name == "xla_pmap":
             inner *= eqn.params["axis_size"]
+        elif name == "shard_map":  # jax.pmap lowers to shard_map: the body runs once per device
+            mesh = eqn.params["mesh"]
+            inner *= int(np.prod([mesh.shape[a] for a in eqn.params["newly_manual_axes"]]))
         total += inner + _eqn_flops(eqn)
     return total
 
@@ -236,6 +239,136 @@ def bench_conv(batch: int, size: int, channels: int, dtype: str, repeats: int) -
 
 
 # ---------------------------------------------------------------------------
+# The UNet: one config, the real train step, samplers and the exact ELBO.
+# ---------------------------------------------------------------------------
+
+# name -> (ch, ch_mult, training batch); the rest is Ho et al.'s CIFAR-10 UNet (2 blocks per
+# level, attention at 16x16, dropout 0.1), T = 1000 linear schedule, eps prediction.
+UNET_SIZES = {"small": (32, (1, 2, 2), 32), "base": (64, (1, 2, 2, 2), 16)}
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def unet_config(size: str, batch: int, dtype: str, steps_per_call: int = 1):
+    """The default run's config (configs/digits.py) with the ``size`` UNet on 32x32x3 8-bit images."""
+    import importlib.util
+
+    from vdm.models import presets
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
+    spec = importlib.util.spec_from_file_location("digits_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    ch, ch_mult, _ = UNET_SIZES[size]
+    config.model = presets.ddpm_cifar10()
+    config.model.ch, config.model.ch_mult, config.model.dtype = ch, ch_mult, dtype
+    config.diffusion.schedule, config.diffusion.T = "linear", 1000
+    config.train.batch_size, config.train.steps_per_call = batch, steps_per_call
+    return config
+
+
+class UNetBench:
+    """The pieces of the real training code for one UNet size: network, objective, optimiser."""
+
+    def __init__(self, size: str, batch: int, dtype: str, steps_per_call: int = 1):
+        import types
+
+        from vdm import train as train_lib
+
+        self.train_lib, self.batch, self.k = train_lib, batch, steps_per_call
+        self.config = unet_config(size, batch, dtype, steps_per_call)
+        data = types.SimpleNamespace(data_shape=IMAGE_SHAPE, is_discrete_8bit=True)
+        self.setup = train_lib.build_setup(self.config, data)
+        self.params = self.setup.init_params(jax.random.PRNGKey(0))
+        self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.params["net"]))
+        self.process = self.setup.process
+
+    def model_fn(self, params):
+        """The network as the losses' and samplers' ``model_fn(x_t, t)``."""
+        return self.train_lib.make_model_fn(self.setup.network, self.process,
+                                            self.config.diffusion.time_input, params)
+
+    def train_args(self):
+        """(pmapped multi-step train function, replicated state, batches) as the training loop uses them."""
+        import flax
+
+        tl, optim = self.train_lib, self.config.optim
+        optimizer = tl.make_optimizer(optim, self.config.train.num_steps)
+        state = tl.TrainState(step=jnp.int32(0), params=self.params, ema_params=self.params,
+                              opt_state=optimizer.init(self.params), rng=jax.random.PRNGKey(1),
+                              loss_state=self.setup.objective.init_loss_state())
+        n = jax.local_device_count()
+        if self.batch % n:
+            raise ValueError(f"--train-batch {self.batch} must be divisible by the {n} local devices")
+        x = jax.random.uniform(jax.random.PRNGKey(2), (n, self.k, self.batch // n) + IMAGE_SHAPE,
+                               minval=-1.0, maxval=1.0)
+        p_train = tl.make_p_train(self.setup.objective, optimizer, optim)
+        return p_train, flax.jax_utils.replicate(state), {"x": x}
+
+    def diffusion_kwargs(self):
+        d = self.config.diffusion
+        return dict(schedule=self.process.schedule, parameterization=d.parameterization,
+                    variance_type=d.variance)
+
+
+def bench_train(ub: UNetBench, repeats: int) -> dict:
+    """Images/s and matmul/conv GFLOP/s of the real pmapped train step (``steps_per_call`` steps per call)."""
+    p_train, state, batches = ub.train_args()
+    r = measure(p_train, state, batches, repeats=repeats, carry=True)
+    images = ub.batch * ub.k
+    return {**r, "images_per_s": rate(r, images), "gflops": rate(r, r["flops"] / 1e9),
+            "gflop_per_image": r["flops"] / images / 1e9, "batch": ub.batch, "steps_per_call": ub.k,
+            "num_params": ub.num_params}
+
+
+def bench_forward(ub: UNetBench, batch: int, repeats: int) -> dict:
+    """One jitted network forward at ``batch``."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (batch,) + IMAGE_SHAPE)
+    t = jnp.full((batch,), ub.process.T // 2, jnp.int32)
+    r = measure(lambda params, x, t: ub.model_fn(params)(x, t), ub.params, x, t, repeats=repeats)
+    return {**r, "gflops": rate(r, r["flops"] / 1e9), "batch": batch}
+
+
+def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_steps: int,
+                  repeats: int) -> dict:
+    """A ``steps``-step run of ``samplers.sample`` (one lax.scan): seconds per step; and the
+    compile time of the same sampler with ``compile_steps`` steps (compiled, not run)."""
+    from vdm import samplers
+
+    def run(num_steps):
+        return lambda params, key: samplers.sample(ub.model_fn(params), key, (batch,) + IMAGE_SHAPE,
+                                                   sampler=sampler, num_steps=num_steps,
+                                                   **ub.diffusion_kwargs())
+
+    key = jax.random.PRNGKey(4)
+    r = measure(run(steps), ub.params, key, repeats=repeats)
+    start = time.perf_counter()
+    jax.jit(run(compile_steps)).lower(ub.params, key).compile()
+    long_compile = time.perf_counter() - start
+    per_step = {k: v / steps for k, v in r["seconds"].items()}
+    return {**r, "steps": steps, "step_seconds": per_step, "compile_steps": compile_steps,
+            "compile_s_long": long_compile, "batch": batch}
+
+
+def bench_elbo(ub: UNetBench, batch: int, chunk: int, repeats: int) -> dict:
+    """``losses.discrete_elbo`` (all T terms, ``chunk`` timesteps per network call): images/s."""
+    from vdm import losses
+
+    x0 = jax.random.uniform(jax.random.PRNGKey(5), (batch,) + IMAGE_SHAPE, minval=-1.0, maxval=1.0)
+    x0 = jnp.round((x0 + 1) * 127.5) / 127.5 - 1  # on the 8-bit grid, as the decoder expects
+    d = ub.config.diffusion
+
+    def elbo(params, key, x0):
+        return losses.discrete_elbo(ub.model_fn(params), key, x0, ub.process.schedule,
+                                    parameterization=d.parameterization, variance_type=d.variance,
+                                    chunk=chunk)["total"]
+
+    r = measure(elbo, ub.params, jax.random.PRNGKey(6), x0, repeats=repeats)
+    return {**r, "images_per_s": rate(r, batch), "gflops": rate(r, r["flops"] / 1e9), "batch": batch,
+            "chunk": chunk, "T": ub.process.T}
+
+
+# ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
 
@@ -265,6 +398,11 @@ def row(what: str, value: str, unit: str, r: dict | None = None) -> dict:
             "peak": "-" if r is None else mib(r["device_peak_bytes"] or r["xla_peak_bytes"])}
 
 
+def ratio(a: dict, b: dict) -> dict:
+    """Elementwise min/median/max ratio of two timing summaries."""
+    return {k: a[k] / b[k] for k in ("min", "median", "max")}
+
+
 def limits_rows(limits: dict) -> list[dict]:
     m, c = limits["matmul"], limits["conv"]
     rows = [row(f"matmul {'x'.join(map(str, m['shape']))}", fmt(m["gflops"]), "GFLOP/s", m)]
@@ -274,37 +412,117 @@ def limits_rows(limits: dict) -> list[dict]:
     return rows
 
 
+def unet_rows(size: str, u: dict, conv_limit: float | None, peak: float | None) -> list[dict]:
+    rows = []
+    if "train" in u:
+        t = u["train"]
+        rows.append(row(f"train {size} ({t['num_params'] / 1e6:.2f}M params, batch {t['batch']})",
+                        fmt(t["images_per_s"], 2), "images/s", t))
+        rows.append(row(f"train {size} matmul/conv ({t['gflop_per_image']:.2f} GFLOP/image)",
+                        fmt(t["gflops"]), "GFLOP/s"))
+        if conv_limit:
+            t["share_of_conv_limit"] = {k: v / conv_limit for k, v in t["gflops"].items()}
+            rows.append(row(f"train {size} / conv3x3 fwd+bwd limit", fmt(t["share_of_conv_limit"], 2), "ratio"))
+        if peak:
+            t["mfu"] = {k: v / (peak * 1e3) for k, v in t["gflops"].items()}
+            rows.append(row(f"train {size} model FLOPs utilisation (peak {peak:g} TFLOP/s)",
+                            fmt(t["mfu"], 3), "ratio"))
+    if "forward" in u:
+        f = u["forward"]
+        rows.append(row(f"forward {size} batch {f['batch']}", fmt(f["seconds"], 3), "s", f))
+    for name, smp in u.get("samplers", {}).items():
+        rows.append(row(f"{name} {size} batch {smp['batch']}, per step ({smp['steps']} steps)",
+                        fmt(smp["step_seconds"], 3), "s", smp))
+        if "forward" in u:
+            smp["step_over_forward"] = ratio(smp["step_seconds"], u["forward"]["seconds"])
+            rows.append(row(f"{name} {size} step / forward", fmt(smp["step_over_forward"], 3), "ratio"))
+        rows.append(row(f"{name} {size} compile {smp['steps']} vs {smp['compile_steps']} steps",
+                        f"{smp['compile_s']:.1f} vs {smp['compile_s_long']:.1f}", "s"))
+    if "elbo" in u:
+        e = u["elbo"]
+        rows.append(row(f"exact ELBO {size} T={e['T']} (batch {e['batch']}, chunk {e['chunk']})",
+                        fmt(e["images_per_s"], 4), "images/s", e))
+        if "forward" in u and u["forward"]["batch"] == e["batch"] * e["chunk"]:
+            per_call = {k: v / -(-e["T"] // e["chunk"]) for k, v in e["seconds"].items()}
+            e["network_call_over_forward"] = ratio(per_call, u["forward"]["seconds"])
+            rows.append(row(f"exact ELBO {size} per network call / forward",
+                            fmt(e["network_call_over_forward"], 3), "ratio"))
+    return rows
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per figure (after one warm-up)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--sizes", default=",".join(UNET_SIZES), help=f"UNet sizes, subset of {tuple(UNET_SIZES)}")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="global training batch for every size (default: small 32, base 16)")
+    p.add_argument("--steps-per-call", type=int, default=1, help="train steps per host call (lax.scan)")
+    p.add_argument("--samplers", default="ancestral,ddim", help="samplers to time (vdm.samplers.SAMPLERS)")
+    p.add_argument("--sample-steps", type=int, default=10, help="steps of the timed sampler runs")
+    p.add_argument("--compile-steps", type=int, default=1000, help="steps of the compile-only sampler")
+    p.add_argument("--elbo-sizes", default="small", help="UNet sizes for the exact ELBO")
+    p.add_argument("--elbo-batch", type=int, default=1, help="images per exact-ELBO call")
+    p.add_argument("--elbo-chunk", type=int, default=32, help="timesteps per network call in the ELBO")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul (default 2048 CPU, 8192 GPU)")
     p.add_argument("--json", default="benchmark.json", help="where to write the results")
     args = p.parse_args(argv)
-    args.only = [s for s in args.only.split(",") if s]
-    bad = [s for s in args.only if s not in SECTIONS]
-    if bad:
-        p.error(f"--only: unknown section(s) {bad}; allowed: {', '.join(SECTIONS)}")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    for name, allowed in (("only", SECTIONS), ("sizes", tuple(UNET_SIZES)), ("elbo_sizes", tuple(UNET_SIZES))):
+        value = [v for v in getattr(args, name).split(",") if v]
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            p.error(f"--{name.replace('_', '-')}: unknown value(s) {bad}; allowed: {', '.join(allowed)}")
+        setattr(args, name, value)
+    args.samplers = [v for v in args.samplers.split(",") if v]
+    for name in ("repeats", "steps_per_call", "sample_steps", "compile_steps", "elbo_batch", "elbo_chunk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_batch is not None and args.train_batch < 1:
+        p.error(f"--train-batch must be >= 1, got {args.train_batch}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if "sample" in args.only:
+        from vdm import samplers
+
+        bad = [s for s in args.samplers if s not in samplers.SAMPLERS]
+        if bad:
+            raise ValueError(f"--samplers: unknown {bad}; allowed: {', '.join(samplers.SAMPLERS)}")
     info = device_info()
+    peak = peak_tflops(info, args.dtype)
     results: dict[str, Any] = {"device": info, "dtype": args.dtype, "repeats": args.repeats,
-                               "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+                               "command": " ".join(["python"] + sys.argv), "peak_tflops": peak, "unet": {}}
     print(f"device: {info['backend']} {info['device_kind']} x{info['device_count']} | host {info['host_cpu']} "
           f"({info['host_cores']} cores) | jax {info['jax']} | dtype {args.dtype} | "
-          f"{args.repeats} timed calls per figure, median [min, max]")
+          f"{args.repeats} timed calls per figure after one warm-up: median [min, max]", flush=True)
     rows: list[dict] = []
+    conv_limit = None
     if "limits" in args.only:
         n = args.matmul_size or (2048 if info["backend"] == "cpu" else 8192)
         results["limits"] = {"matmul": bench_matmul(n, args.dtype, args.repeats),
                              "conv": bench_conv(32, 32, 128, args.dtype, args.repeats)}
+        conv_limit = results["limits"]["conv"]["forward+backward"]["gflops"]["median"]
         rows += limits_rows(results["limits"])
+    sizes = list(dict.fromkeys(args.sizes + (args.elbo_sizes if "elbo" in args.only else [])))
+    for size in sizes:
+        batch = args.train_batch or UNET_SIZES[size][2]
+        ub = UNetBench(size, batch, args.dtype, args.steps_per_call)
+        u = results["unet"][size] = {"num_params": ub.num_params}
+        if size in args.sizes and "train" in args.only:
+            u["train"] = bench_train(ub, args.repeats)
+        if size in args.sizes and "sample" in args.only:
+            u["forward"] = bench_forward(ub, batch, args.repeats)
+            u["samplers"] = {s: bench_sampler(ub, s, batch, args.sample_steps, args.compile_steps, args.repeats)
+                             for s in args.samplers}
+        if size in args.elbo_sizes and "elbo" in args.only:
+            if u.get("forward", {}).get("batch") != args.elbo_batch * args.elbo_chunk:
+                u["forward"] = bench_forward(ub, args.elbo_batch * args.elbo_chunk, args.repeats)
+            u["elbo"] = bench_elbo(ub, args.elbo_batch, args.elbo_chunk, args.repeats)
+        rows += unet_rows(size, u, conv_limit, peak)
+        print(table(rows), flush=True)
     print(table(rows))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

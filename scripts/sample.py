@@ -148,14 +148,16 @@ def main(argv):
     np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,
              **({} if labels is None else {"labels": labels}), checkpoint_step=step)
     if images:
-        written.append(viz.save_image_grid(os.path.join(out, "grid.png"), np.clip(samples, -1, 1)))
+        scale = max(1, 32 // dataset.data_shape[0])  # enlarge tiny images (8x8 digits) to >= 32 px
+        written.append(viz.save_image_grid(os.path.join(out, "grid.png"), samples, scale=scale))
         n = min(len(samples), 64)
-        written.append(viz.save_denoising_gif(os.path.join(out, "denoise.gif"), traj.x[:, :n],
-                                              traj.x0[:, :n], max_frames=_FRAMES.value))
+        written.append(viz.save_denoising_gif(os.path.join(out, "denoise.gif"), traj.x[:, :n], traj.x0[:, :n],
+                                              max_frames=_FRAMES.value, scale=scale))
     elif samples.shape[-1] == 1:
         written.append(viz.plot_1d_samples(os.path.join(out, "hist.png"), samples, dataset.log_prob,
                                            title=f"{_SAMPLER.value}, {steps} steps"))
-        written.append(viz.plot_trajectories(os.path.join(out, "trajectories.png"), traj.x))
+        done = np.minimum(np.arange(1, len(traj.x) + 1) * every, steps)  # steps taken at each record
+        written.append(viz.plot_trajectories(os.path.join(out, "trajectories.png"), traj.x, steps=done))
     else:
         ref_ds = data.build_dataset(config.data, split="train", seed=config.seed,
                                     global_batch_size=len(samples) * jax.local_device_count())

@@ -293,9 +293,10 @@ def test_elbo_table_json_and_errors(tmp_path, mixture_setup):
 # ---------------------------------------------------------------------------
 
 
-def _two_class_images(rng, n):
-    """8x8 grey images: class 0 bright on the left half, class 1 on the right, plus noise."""
-    labels = rng.integers(0, 2, n)
+def _two_class_images(rng, n, label=None):
+    """8x8 grey images: class 0 bright on the left half, class 1 on the right, plus noise
+    (random classes, or all of class ``label``)."""
+    labels = rng.integers(0, 2, n) if label is None else np.full(n, label)
     cols = np.arange(8)[None, None, :]
     bright = np.where(labels[:, None, None] == 0, cols < 4, cols >= 4)
     x = np.where(bright, 0.8, -0.8) + 0.2 * rng.standard_normal((n, 8, 8))
@@ -304,21 +305,21 @@ def _two_class_images(rng, n):
 
 def test_feature_classifier_trains_once_then_loads_from_cache(tmp_path):
     batch_fn = lambda step: _two_class_images(np.random.default_rng(step), 64)
-    features = ev.load_or_train_classifier(str(tmp_path), batch_fn, 2, (8, 8, 1), num_steps=40)
+    features = ev.load_or_train_classifier(str(tmp_path), batch_fn, 2, (8, 8, 1), num_steps=20)
     cached = tmp_path / ev.CLASSIFIER_FILE
     assert cached.exists()
 
     def no_data(step):
         raise AssertionError("a cached classifier must not be retrained")
 
-    again = ev.load_or_train_classifier(str(tmp_path), no_data, 2, (8, 8, 1), num_steps=40)
+    again = ev.load_or_train_classifier(str(tmp_path), no_data, 2, (8, 8, 1), num_steps=20)
     rng = np.random.default_rng(100)
     real_a, _ = _two_class_images(rng, 300)
     real_b, _ = _two_class_images(rng, 300)
     np.testing.assert_allclose(again(real_a), features(real_a), rtol=1e-6)
     assert features(real_a).shape == (300, 128)
     noise = np.clip(rng.standard_normal(real_a.shape), -1, 1).astype(np.float32)
-    one_class = real_b[_two_class_images(np.random.default_rng(100), 300)[1] == 0]
+    one_class, _ = _two_class_images(rng, 300, label=0)
     fd_real = ev.classifier_frechet_distance(features, real_a, real_b)
     assert fd_real < ev.classifier_frechet_distance(features, real_a, noise)
     assert fd_real < ev.classifier_frechet_distance(features, real_a, one_class)

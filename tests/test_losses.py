@@ -179,7 +179,8 @@ def test_simple_loss_weightings_are_the_same_x0_objective_in_every_parameterizat
     np.testing.assert_allclose(res["eps", "eps", "none"], eps_mse, rtol=1e-5)
     # The exact prediction has zero loss, L1 is the mean absolute error.
     assert np.allclose(res["exact", "", ""], 0, atol=1e-10)
-    np.testing.assert_allclose(res["l1", "", ""], np.mean(np.abs(np.float64(eps_hat - eps)), axis=1), rtol=1e-5)
+    np.testing.assert_allclose(res["l1", "", ""], np.mean(np.abs(np.float64(eps_hat - eps)), axis=1),
+                               rtol=1e-5)
 
 
 def test_elbo_weighted_simple_loss_equals_vlb_terms():
@@ -209,9 +210,15 @@ def test_elbo_weighted_simple_loss_equals_vlb_terms():
                 gaps.append(vlb - D * simple)
             res[vt] = (jnp.stack(gaps), losses.vlb_term(out, x0, x_t, t, sch, "v", vt, "discretized"),
                        losses.vlb_term(out, x0, x_t, t, sch, "v", vt, "gaussian"))
-        return res
+        # Gradients stay finite at every t, the t = 1 decoder included, for learned variances too.
+        out2 = jnp.concatenate([out, jnp.tanh(noise)], axis=-1)
+        grads = [jax.grad(lambda o: losses.vlb_term(o, x0, x_t, t, sch, "v", vt, dec).sum())(out2)
+                 for vt in ("learned_range", "learned") for dec in losses.DECODERS]
+        return res, jnp.stack(grads)
 
-    for vt, (gaps, vlb_d, vlb_g) in run().items():
+    res, grads = run()
+    assert np.all(np.isfinite(grads)) and np.all(np.any(grads != 0, axis=(1, 2)))
+    for vt, (gaps, vlb_d, vlb_g) in res.items():
         gaps = np.float64(gaps)
         assert np.all(np.abs(gaps - gaps[0]) <= 1e-3 * (1 + np.abs(gaps[0]))), (vt, gaps)
         if vt == "fixed_small":
@@ -455,17 +462,17 @@ def expected_diffusion_loss(T):
 
 @pytest.fixture(scope="module")
 def vdm_runs():
-    """Diffusion-term samples for two schedules with the same endpoints and T in {0, 10}."""
+    """4 batches of vdm_loss for two schedules with the same endpoints (continuous time) and
+    for the linear one with T = 10."""
     x0 = gaussian_data(9, 2048, D_VDM)
     scheds = {"linear": schedules.continuous_schedule("vdm_linear"),
               "cosine": schedules.continuous_schedule("cosine", log_snr_max=LAM_MAX,
                                                       log_snr_min=LAM_MIN)}
     out = {}
-    for name, fn in scheds.items():
-        for T in (0, 10):
-            f = jax.jit(lambda k, fn=fn, T=T: losses.vdm_loss(
-                optimal_vdm_model(fn), fn, k, x0, T=T, parameterization="x0", decoder="gaussian"))
-            out[name, T] = [f(k) for k in jax.random.split(jax.random.PRNGKey(T), 4)]
+    for name, T in (("linear", 0), ("cosine", 0), ("linear", 10)):
+        f = jax.jit(lambda k, fn=scheds[name], T=T: losses.vdm_loss(
+            optimal_vdm_model(fn), fn, k, x0, T=T, parameterization="x0", decoder="gaussian"))
+        out[name, T] = [f(k) for k in jax.random.split(jax.random.PRNGKey(T), 4)]
     return x0, out
 
 
@@ -518,6 +525,29 @@ def test_vdm_loss_gradients_reach_a_learned_schedule_and_the_categorical_decoder
     g = jax.jit(jax.jacrev(lambda p: jnp.stack([loss(p, 0), loss(p, 1000)])))(params)
     for v in jax.tree_util.tree_leaves(g):
         assert np.all(np.isfinite(v)) and np.all(v != 0), g
+
+
+def test_given_times_and_noise_replace_the_draws_from_the_key():
+    """Per-example u / t and noise (as the training loop draws them) make the key irrelevant."""
+    x0 = gaussian_data(1, 6)
+    rng = np.random.default_rng(2)
+    u, eps, eps_0 = rng.uniform(size=6), rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    fn = schedules.continuous_schedule("vdm_linear")
+    sch = schedules.discrete_schedule("cosine", 10)
+    t = jnp.asarray(rng.integers(1, 11, 6), jnp.int32)
+
+    @jax.jit
+    def run(key):
+        v = losses.vdm_loss(optimal_vdm_model(fn), fn, key, x0, u=u, eps=eps, eps_0=eps_0,
+                            decoder="gaussian")[0]
+        d = losses.discrete_loss(optimal_discrete_model(sch), key, x0, sch, t=t, eps=eps)[0]
+        return v, d
+
+    (v1, d1), (v2, d2) = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(d1, d2)
+    with pytest.raises(ValueError, match=r"u must have shape \[B\]"):
+        losses.vdm_loss(optimal_vdm_model(fn), fn, jax.random.PRNGKey(0), x0, u=u[:3])
 
 
 def test_bits_per_dim():

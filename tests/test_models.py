@@ -93,12 +93,16 @@ DATA = (8, 8, 1)
 NUM_CLASSES = 10
 
 
+def small_unet(**fields):
+    config = presets.digits_unet()
+    config.update(ch=16, num_res_blocks=1, dropout=0.5, **fields)
+    return build_model(config, DATA, learned_variance=True, num_classes=NUM_CLASSES)
+
+
 @pytest.fixture(scope="module")
 def unet():
     """A small class-conditional UNet with dropout, random parameters, and its jitted apply."""
-    config = presets.digits_unet()
-    config.update(ch=16, num_res_blocks=1, dropout=0.5)
-    model = build_model(config, DATA, learned_variance=True, num_classes=NUM_CLASSES)
+    model = small_unet()
     x, t = inputs(DATA)
     params = random_params(model, x, t, jnp.zeros((4,), jnp.int32))
     return model, params, jax.jit(model.apply, static_argnames="train"), x, t
@@ -173,8 +177,8 @@ def test_vdm_net_input_skip_and_log_snr_conditioning():
 
 def test_bfloat16_compute_float32_params(unet):
     """bfloat16 compute keeps float32 parameters and output, close to the float32 network."""
-    model, params, apply, x, t = unet
-    bf16 = model.clone(dtype=jnp.bfloat16)
+    _, params, apply, x, t = unet
+    bf16 = small_unet(dtype="bfloat16")
     assert {a.dtype for a in jax.tree_util.tree_leaves(jax.eval_shape(bf16.init, KEY, x, t))} == {
         jnp.dtype(jnp.float32)}
     ref, low = apply(params, x, t), jax.jit(bf16.apply)(params, x, t)
@@ -183,6 +187,17 @@ def test_bfloat16_compute_float32_params(unet):
 
 
 # --------------------------------------------------------------------------- toy networks
+
+
+def test_mlp_conditioning_on_t_and_label():
+    model = build_model(presets.toy_mlp(), (2,), num_classes=3)
+    x, t = inputs((2,))
+    params = random_params(model, x, t)
+    apply = jax.jit(model.apply)
+    outs = [apply(params, x, t, jnp.full((4,), c)) for c in range(4)]  # label 3 is the null class
+    assert all(np.abs(outs[a] - outs[b]).max(axis=1).min() > 1e-3 for a in range(4) for b in range(a))
+    assert np.array_equal(apply(params, x, t), outs[3])
+    assert np.abs(apply(params, x, t + 1e-3, jnp.full((4,), 0)) - outs[0]).max(axis=1).min() > 1e-3
 
 
 def test_per_step_heads_use_head_t_minus_1():

@@ -31,6 +31,10 @@ def test_image_grid_layout_and_pixel_values(tmp_path):
     assert grid.shape == (2 + 1 * 8, 2 + 2 * 7, 3)   # default nrow = ceil(sqrt(2)) = 2
     np.testing.assert_array_equal(grid[2, 2], [0, 255, 128])
 
+    big = viz.image_grid(_constant_images(values), nrow=4, pad=2, scale=3)   # nearest-neighbour x3
+    assert big.shape == (2 + 3 * (18 + 2), 2 + 4 * (15 + 2), 1)
+    np.testing.assert_array_equal(big[2:20, 2:17], np.full((18, 15, 1), 0, np.uint8))
+
 
 def test_image_grid_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):

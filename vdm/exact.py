@@ -15,7 +15,10 @@ parameterization is exact to float32 rounding at every noise level.
 ``model_fn`` wraps them as ``model_fn(x_t, t) -> output`` in any
 parameterization, for a discrete schedule (int t in 1..T) or a continuous one
 (float t in [0, 1]); with a learned variance type it appends the moment-matched
-variance of the step t -> t-1 (Bao et al. 2022, Analytic-DPM, per x_t).
+variance of the step t -> t-1 (Bao et al. 2022, Analytic-DPM, per x_t), for
+learned_range clipped to the range [beta~_t, beta_t] the interpolation spans
+(unclipped, a respaced chain would extrapolate the one-step fraction far
+outside its stride's bounds).
 ``conditional_model_fn`` adds a class label: label k is component k alone and
 the null label K is the whole mixture (classifier-free guidance tests).
 
@@ -157,7 +160,7 @@ def _build(mixture, parameterization, schedule, log_snr_fn, variance_type, log_w
         width = log_large - log_small                      # 0 at t = 1, where the bounds coincide
         safe = jnp.where(width > 0, width, 1.0)
         v = jnp.where(width > 0, 2.0 * (log_var - log_small) / safe - 1.0, 0.0)
-        return jnp.concatenate([out, jnp.broadcast_to(v, out.shape)], axis=-1)
+        return jnp.concatenate([out, jnp.broadcast_to(jnp.clip(v, -1.0, 1.0), out.shape)], axis=-1)
 
     return apply
 
@@ -171,7 +174,8 @@ def model_fn(mixture: GaussianMixture, parameterization: str = "eps", *,
     with ``log_snr_fn``. The output is the exact E[.|x_t] in ``parameterization``;
     for ``learned`` / ``learned_range`` variances the second half of the last
     axis is the log of the moment-matched variance of q(x_{t-1}|x_t), or its
-    Nichol & Dhariwal interpolation fraction v (eq. 15; v = 0 at t = 1).
+    Nichol & Dhariwal interpolation fraction v (eq. 15) clipped to [-1, 1]
+    (v = 0 at t = 1, where the bounds coincide).
     """
     apply = _build(mixture, parameterization, schedule, log_snr_fn, variance_type, lambda c: None)
     return lambda x_t, t: apply(x_t, t, None)

@@ -23,6 +23,7 @@ class labels before passing it in.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple
 
 import jax
@@ -62,7 +63,7 @@ def _num_dims(x) -> int:
 
 def bits_per_dim(nats, num_dims: int):
     """Convert nats per example into bits per dimension: nats / (num_dims ln 2)."""
-    if not isinstance(num_dims, int) or num_dims < 1:
+    if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
         raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
     return nats / (num_dims * math.log(2.0))
 
@@ -154,7 +155,7 @@ def discretized_gaussian_log_likelihood(x0, mean, log_scale, bin_width: float = 
 
 
 def vdm_categorical_decoder_log_likelihood(x0, z0, log_snr_0, num_bins: int = 256):
-    """log p(x0 | z_0) of the VDM decoder (Kingma et al. 2021, App. C / eq. 26), elementwise:
+    """log p(x0 | z_0) of the VDM decoder (Kingma et al. 2021, §3.3), elementwise:
 
       p(x_i = k | z_{0,i}) proportional to q(z_{0,i} | x_i = k) = N(z_{0,i}; alpha_0 v_k, sigma_0^2),
 
@@ -197,7 +198,7 @@ def _log_x0_error_factor(target: str, log_snr_t):
 def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None):
     """log of w in L_{s|t} = w ||x0 - x0_hat||^2, the KL between q(x_s | x_t, x0) and a
     reverse step with the same mean form at x0_hat and variance e^log_variance
-    (mean part only; Ho et al. eq. 8, Kingma et al. eq. 13):
+    (mean part only; Ho et al. eq. 8; the SNR form is Kingma et al. 2021's discrete-time loss):
 
       w = alpha_s^2 (1 - SNR_t/SNR_s)^2 / (2 e^log_variance).
 
@@ -437,16 +438,16 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
     term = vlb_term(output, x0, x_t, t, schedule, parameterization, variance_type, decoder,
                     stop_grad_mean=(kind == "hybrid"))
     metrics["vlb_term"] = jax.lax.stop_gradient(term)
-    to_bpd = 1.0 / (_num_dims(x0) * math.log(2.0))
+    num_dims = _num_dims(x0)
     if kind == "vlb":
-        loss = (prior_kl(x0, schedule.log_snr[T]) + T * term) * to_bpd
+        loss = bits_per_dim(prior_kl(x0, schedule.log_snr[T]) + T * term, num_dims)
     else:
         log_variance = (diffusion.reverse_log_variance_bounds(lam_s, lam_t)[1]
                         if variance_type == "fixed_large" else None)
         simple = simple_loss(pred, x0, eps, x_t, lam_t, parameterization, target, loss_type,
                              weighting, snr_gamma, log_snr_s=lam_s, log_variance=log_variance)
         metrics["simple"] = simple
-        loss = simple if kind == "simple" else simple + hybrid_lambda * T * term * to_bpd
+        loss = simple if kind == "simple" else simple + hybrid_lambda * bits_per_dim(T * term, num_dims)
     if weights is not None:
         loss = loss * weights
     return loss, metrics
@@ -556,14 +557,14 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
       diffusion, T > 0 (eq. 15, written in eps): 0.5 T expm1(lambda_s - lambda_t) ||eps - eps_hat||^2
                  with t = i/T, s = (i - 1)/T, i ~ U{1..T};
       prior:     KL(q(z_1 | x) || N(0, I)) at lambda(1);
-      decoder:   -log p(x | z_0), z_0 ~ q(z_0 | x): "categorical" (8-bit data, App. C),
+      decoder:   -log p(x | z_0), z_0 ~ q(z_0 | x): "categorical" (8-bit data, §3.3),
                  "discretized" (Ho et al. eq. 13 at mean z_0/alpha_0, scale sigma_0/alpha_0)
                  or "gaussian" (real-valued data, N(z_0/alpha_0, sigma_0^2/alpha_0^2)).
-    ``antithetic`` spreads the batch's times evenly: t_i = (u + i/B) mod 1 (Kingma et al.
-    App. I.1, low-discrepancy sampler). Given ``u`` (uniform numbers in [0, 1), [B]) replaces
-    that draw, and ``eps`` / ``eps_0`` (x0's shape) the noise of z_t / z_0 (the training loop
-    draws them per example). Returns (total [B], metrics) with metrics prior,
-    diffusion, decoder and t, each [B].
+    ``antithetic`` spreads the batch's times evenly: t_i = (u + i/B) mod 1, u ~ U(0, 1)
+    (Kingma et al.'s low-discrepancy sampler; an unbiased, lower-variance estimate).
+    Given ``u`` (uniform numbers in [0, 1), [B]) replaces that draw, and ``eps`` / ``eps_0``
+    (x0's shape) the noise of z_t / z_0 (the training loop draws them per example).
+    Returns (total [B], metrics) with metrics prior, diffusion, decoder and t, each [B].
     """
     diffusion.check_parameterization(parameterization)
     _check_choice("decoder", decoder, VDM_DECODERS)
@@ -574,6 +575,8 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
     B = x0.shape[0]
     key_t, key_eps, key_0 = jax.random.split(key, 3)
     if u is not None:
+        if jnp.shape(u) != (B,):
+            raise ValueError(f"u must have shape [B] = ({B},), got {jnp.shape(u)}")
         u = jnp.asarray(u, jnp.float32)
     elif antithetic:
         u = jnp.mod(jax.random.uniform(key_t, ()) + jnp.arange(B) / B, 1.0)

@@ -179,14 +179,15 @@ def time_grid(num_steps: int, *, schedule: DiscreteSchedule | None = None,
     if spacing not in CONTINUOUS_SPACINGS:
         raise ValueError(f"spacing must be one of {CONTINUOUS_SPACINGS} for a continuous-time model, "
                          f"got {spacing!r}")
-    if spacing == "linspace":
-        times = np.arange(num_steps, 0, -1, dtype=np.float64) / num_steps
-    else:
-        ends = np.asarray(log_snr_fn(jnp.asarray([0.0, 1.0], jnp.float32)), np.float64)
-        sig = _karras_range(num_steps, _sigma_ve(ends[0]), _sigma_ve(ends[1]), sigma_min, sigma_max, rho)
-        times = np.asarray(invert_log_snr(log_snr_fn, -2.0 * np.log(sig)), np.float64)
-    times = np.concatenate([times, [0.0]]).astype(np.float32)
-    lam = np.asarray(log_snr_fn(jnp.asarray(times[:-1])), np.float32)
+    with jax.ensure_compile_time_eval():  # a grid is host data, also when built inside a trace
+        if spacing == "linspace":
+            times = np.arange(num_steps, 0, -1, dtype=np.float64) / num_steps
+        else:
+            ends = np.asarray(log_snr_fn(jnp.asarray([0.0, 1.0], jnp.float32)), np.float64)
+            sig = _karras_range(num_steps, _sigma_ve(ends[0]), _sigma_ve(ends[1]), sigma_min, sigma_max, rho)
+            times = np.asarray(invert_log_snr(log_snr_fn, -2.0 * np.log(sig)), np.float64)
+        times = np.concatenate([times, [0.0]]).astype(np.float32)
+        lam = np.asarray(log_snr_fn(jnp.asarray(times[:-1])), np.float32)
     return Grid(times, np.concatenate([lam, [np.inf]]).astype(np.float32))
 
 
@@ -436,7 +437,7 @@ def ancestral(den: Denoiser, x_T, keys, grid: Grid, *, trajectory_every=None):
 
 def ddim(den: Denoiser, x_T, keys, grid: Grid, *, eta: float = 0.0, trajectory_every=None):
     """DDIM (Song et al. 2021) on the grid with ``ddim_step``; keys may be None when eta = 0."""
-    _check_eta(eta)
+    _check_options("ddim", dict(eta=eta))
     _check_every(trajectory_every)
 
     def step(x, p):
@@ -460,9 +461,7 @@ def annealed_langevin(den: Denoiser, x_T, keys, grid: Grid, *, steps_per_level: 
     E[x_0 | y] = y - sigma_L eps_hat at the last level (Song et al. 2021 SDE code;
     Jolicoeur-Martineau et al. 2021), else y itself (noise sigma_L left in).
     """
-    _check_int("steps_per_level", steps_per_level, 1)
-    if not step_size > 0:
-        raise ValueError(f"step_size must be > 0, got {step_size!r}")
+    _check_options("langevin", dict(steps_per_level=steps_per_level, step_size=step_size, denoise=denoise))
     _check_every(trajectory_every)
     plan = _plan(grid)
     plan["a"] = step_size * jnp.exp(plan["lam_t"][-1] - plan["lam_t"])
@@ -489,9 +488,7 @@ def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps
     (ancestral) predictor step t -> s (``ancestral_step``; Song et al.'s ancestral predictor is its
     fixed_large case). Corrector-then-predictor is the order of the paper's code, so the data level
     is never corrected. ``axis_name``: the pmap axis the corrector's norms are averaged over."""
-    _check_int("corrector_steps", corrector_steps, 1)
-    if not snr > 0:
-        raise ValueError(f"snr must be > 0, got {snr!r}")
+    _check_options("pc", dict(corrector_steps=corrector_steps, snr=snr))
     _check_every(trajectory_every)
 
     def step(x, p):
@@ -512,7 +509,7 @@ def probability_flow(den: Denoiser, x_T, keys, grid: Grid, *, method: str = "heu
     """Deterministic sampling with the probability-flow ODE (``ode_step``, Karras et al. 2022
     Alg. 1) from x_T ~ N(0, I) along the grid (Karras rho-grid with spacing="karras"). Euler costs
     one model call per step, Heun two (one on the last step). ``keys`` is unused."""
-    _check_method(method)
+    _check_options("ode", dict(method=method))
     _check_every(trajectory_every)
 
     def step(x, p):
@@ -528,7 +525,7 @@ def encode(den: Denoiser, x0, grid: Grid, *, method: str = "euler"):
     x_0 = (x_1 - sigma_1 eps_hat(x_1)) / alpha_1 with eps_hat evaluated at alpha_1 x_0:
     x_1 = alpha_1 x_0 + sigma_1 eps_hat(alpha_1 x_0). Decoding with ``ddim`` (eta = 0) or
     ``probability_flow`` on the same grid returns x_0 up to discretization error."""
-    _check_method(method)
+    _check_options("ode", dict(method=method))
     times, lam = grid.times[-2::-1], grid.log_snr[-2::-1]   # increasing noise, data level dropped
     alpha_1, sigma_1 = diffusion.alpha_sigma(lam[0])
     _, eps, _ = den(alpha_1 * x0, times[0], lam[0])
@@ -548,14 +545,24 @@ _SAMPLER_FNS = {
 }
 
 
-def _check_eta(eta):
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-
-
-def _check_method(method):
-    if method not in ODE_METHODS:
-        raise ValueError(f"method must be one of {ODE_METHODS}, got {method!r}")
+def _check_options(sampler, opts):
+    """ValueError for a bad sampler option (the keys are the sampler's own, see _SAMPLER_FNS)."""
+    if sampler == "ddim":
+        eta = opts["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    elif sampler == "langevin":
+        _check_int("steps_per_level", opts["steps_per_level"], 1)
+        if not opts["step_size"] > 0:
+            raise ValueError(f"step_size must be > 0, got {opts['step_size']!r}")
+        if not isinstance(opts["denoise"], bool):
+            raise ValueError(f"denoise must be True or False, got {opts['denoise']!r}")
+    elif sampler == "pc":
+        _check_int("corrector_steps", opts["corrector_steps"], 1)
+        if not opts["snr"] > 0:
+            raise ValueError(f"snr must be > 0, got {opts['snr']!r}")
+    elif sampler == "ode" and opts["method"] not in ODE_METHODS:
+        raise ValueError(f"method must be one of {ODE_METHODS}, got {opts['method']!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -614,6 +621,8 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
     """All checks, before anything is traced; returns (_Spec, Grid)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if (schedule is None) == (log_snr_fn is None):
+        raise ValueError("give exactly one of schedule (a DiscreteSchedule) or log_snr_fn (continuous time)")
     if sampler in SCORE_SAMPLERS and parameterization not in diffusion.PARAMETERIZATIONS:
         raise ValueError(f"sampler {sampler!r} needs the score grad log q(x_t) = -eps_hat / sigma_t, which a "
                          f"model gives through a parameterization in {diffusion.PARAMETERIZATIONS}; "
@@ -628,10 +637,7 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
         raise ValueError(f"unknown option(s) {sorted(unknown)} for sampler {sampler!r}; "
                          f"its options are {sorted(defaults)}")
     opts = {**defaults, **options}
-    if sampler == "ddim":
-        _check_eta(opts["eta"])
-    if sampler == "ode":
-        _check_method(opts["method"])
+    _check_options(sampler, opts)
     _check_every(trajectory_every)
     if num_steps is None:
         if schedule is None:

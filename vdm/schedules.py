@@ -173,7 +173,9 @@ def discrete_schedule(name: str, T: int, **kwargs) -> DiscreteSchedule:
     except TypeError as e:
         raise ValueError(f"bad arguments {kwargs} for schedule {name!r}: {e}") from None
     if not np.all((betas[1:] > 0) & (betas[1:] < 1)):
-        raise ValueError(f"schedule {name!r} with {kwargs} gives betas outside (0, 1)")
+        hint = (" (the 1000/T rescaling needs T >= 50; pass rescale=False for shorter chains)"
+                if name == "linear" else "")
+        raise ValueError(f"schedule {name!r} with T={T} and {kwargs} gives betas outside (0, 1){hint}")
     tables = tables_from_betas(betas)
     return DiscreteSchedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 

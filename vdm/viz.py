@@ -50,15 +50,20 @@ def to_uint8(images) -> np.ndarray:
     return np.round((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def image_grid(images, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+def image_grid(images, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
     """Tile images [N, H, W, C] in [-1, 1] into one uint8 array [H', W', C].
 
     ``nrow`` is the number of images per row (default ceil(sqrt(N))); images
-    are separated by ``pad`` white pixels, and empty cells are white.
+    are separated by ``pad`` white pixels, and empty cells are white. Each
+    image is first enlarged ``scale`` times (nearest neighbour; for tiny
+    images such as the 8x8 digits).
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must have shape [N, H, W, C] with C in (1, 3), got {images.shape}")
+    if not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     if nrow < 1:
@@ -76,10 +81,10 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-def save_image_grid(path: PathLike, images, nrow: int | None = None, pad: int = 2) -> str:
-    """Write images [N, H, W, C] in [-1, 1] as one PNG grid (``nrow`` images per row)."""
+def save_image_grid(path: PathLike, images, nrow: int | None = None, pad: int = 2, scale: int = 1) -> str:
+    """Write images [N, H, W, C] in [-1, 1] as one PNG grid (see ``image_grid``)."""
     _makedirs_for(path)
-    _to_pil(image_grid(images, nrow, pad)).save(path)
+    _to_pil(image_grid(images, nrow, pad, scale)).save(path)
     return os.fspath(path)
 
 
@@ -102,7 +107,7 @@ def _palette_frames(arrays: list[np.ndarray]) -> list[Image.Image]:
 
 def save_denoising_gif(path: PathLike, xt_traj, x0_traj, nrow: int | None = None,
                        max_frames: int = 100, frame_ms: int = 60, hold_last_ms: int = 1500,
-                       pad: int = 2) -> str:
+                       pad: int = 2, scale: int = 1) -> str:
     """The two denoising animations of seed 000 side by side in one GIF.
 
     ``xt_traj`` and ``x0_traj`` have shape [S, N, H, W, C] (step-major, from
@@ -110,7 +115,8 @@ def save_denoising_gif(path: PathLike, xt_traj, x0_traj, nrow: int | None = None
     model's prediction of x_0 from it. Each frame shows the x_t grid on the
     left and the x_0-prediction grid on the right. Long trajectories are
     thinned to at most ``max_frames`` evenly spaced steps, always keeping the
-    first and the last; the last frame is held for ``hold_last_ms``.
+    first and the last; the last frame is held for ``hold_last_ms``. ``nrow``,
+    ``pad`` and ``scale`` lay out each grid (``image_grid``).
     """
     xt_traj, x0_traj = np.asarray(xt_traj), np.asarray(x0_traj)
     if xt_traj.shape != x0_traj.shape or xt_traj.ndim != 5:
@@ -122,7 +128,7 @@ def save_denoising_gif(path: PathLike, xt_traj, x0_traj, nrow: int | None = None
     idx = np.unique(np.round(np.linspace(0, steps - 1, min(steps, max_frames))).astype(int))
     arrays = []
     for i in idx:
-        left, right = image_grid(xt_traj[i], nrow, pad), image_grid(x0_traj[i], nrow, pad)
+        left, right = image_grid(xt_traj[i], nrow, pad, scale), image_grid(x0_traj[i], nrow, pad, scale)
         gap = np.full((left.shape[0], 4 * pad, left.shape[2]), 255, np.uint8)
         arrays.append(np.concatenate([left, gap, right], axis=1))
     frames = _palette_frames(arrays)
@@ -184,15 +190,17 @@ def plot_2d_samples(path: PathLike, samples, data=None, log_prob_fn: Callable | 
 
     ``data`` is an array [M, 2] of data samples drawn in grey under the model's
     samples; ``log_prob_fn`` maps [K, 2] to log-densities [K]. At most
-    ``max_points`` points of each are drawn.
+    ``max_points`` points of each are drawn. The axes frame the data when
+    given (samples outside are counted in the legend), else the samples.
     """
     x = _as_2d(samples, "samples")[:max_points]
     d = None if data is None else _as_2d(data, "data")[:max_points]
     fig, ax = plt.subplots(figsize=(5, 5))
-    pts = x if d is None else np.concatenate([x, d])
+    pts = x if d is None else d
     lo, hi = np.percentile(pts, 0.5, axis=0), np.percentile(pts, 99.5, axis=0)
-    margin = 0.15 * (hi - lo + 1e-6)
+    margin = (0.15 if d is None else 0.3) * (hi - lo + 1e-6)
     lo, hi = lo - margin, hi + margin
+    outside = int(np.sum(np.any((x < lo) | (x > hi), axis=1)))
     if log_prob_fn is not None:
         gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 200), np.linspace(lo[1], hi[1], 200))
         grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
@@ -200,7 +208,8 @@ def plot_2d_samples(path: PathLike, samples, data=None, log_prob_fn: Callable | 
         ax.contour(gx, gy, density, levels=8, cmap="viridis", linewidths=1.0, zorder=3)
     if d is not None:
         ax.scatter(d[:, 0], d[:, 1], s=3, c="0.6", alpha=0.5, label=f"data (n={len(d)})")
-    ax.scatter(x[:, 0], x[:, 1], s=3, c="C3", alpha=0.6, label=f"samples (n={len(x)})")
+    label = f"samples (n={len(x)}" + (f", {outside} outside the frame)" if outside else ")")
+    ax.scatter(x[:, 0], x[:, 1], s=3, c="C3", alpha=0.6, label=label)
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(lo[1], hi[1])
     ax.set_aspect("equal")
@@ -211,13 +220,14 @@ def plot_2d_samples(path: PathLike, samples, data=None, log_prob_fn: Callable | 
 
 
 def plot_trajectories(path: PathLike, traj, modes: Sequence[float] | None = None,
-                      num_paths: int = 200, xlabel: str = "generation step",
+                      steps=None, num_paths: int = 200, xlabel: str = "generation step",
                       title: str | None = None) -> str:
     """Paths of 1-D samples through time, as in seed 002.
 
-    ``traj`` has shape [S, N] or [S, N, 1] (step-major). Each path is coloured
-    by the mode its final value is nearest to (``modes``, a list of centres);
-    without ``modes`` by the sign of the final value, as in seed 002.
+    ``traj`` has shape [S, N] or [S, N, 1] (step-major), recorded at the
+    x-axis values ``steps`` [S] (default 0..S-1). Each path is coloured by the
+    mode its final value is nearest to (``modes``, a list of centres); without
+    ``modes`` by the sign of the final value, as in seed 002.
     """
     traj = np.asarray(traj, dtype=np.float64)
     if traj.ndim == 3 and traj.shape[-1] == 1:
@@ -231,7 +241,9 @@ def plot_trajectories(path: PathLike, traj, modes: Sequence[float] | None = None
     else:
         colour = np.argmin(np.abs(final[:, None] - np.asarray(modes, dtype=np.float64)[None]), axis=1)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    steps = np.arange(paths.shape[0])
+    steps = np.arange(paths.shape[0]) if steps is None else np.asarray(steps)
+    if steps.shape != (paths.shape[0],):
+        raise ValueError(f"steps must have one value per record, shape ({paths.shape[0]},), got {steps.shape}")
     for j in range(paths.shape[1]):
         ax.plot(steps, paths[:, j], c=f"C{colour[j] % 10}", alpha=0.15, lw=0.8)
     ax.set_xlabel(xlabel)

@@ -54,14 +54,20 @@ def fourier_features(x, exponents: Sequence[int]):
     return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
-def check_labels(cond, num_classes: int):
-    """Trace-time check of the class-label argument of a network."""
-    if cond is None:
-        return
+def class_labels(cond, batch: int, num_classes: int):
+    """The label array a network embeds: cond, or the null class ``num_classes`` where cond is None.
+
+    None when the network has no class conditioning (num_classes = 0). Checked at trace time.
+    """
     if num_classes == 0:
-        raise ValueError("cond was given but the network was built with num_classes=0")
+        if cond is not None:
+            raise ValueError("cond was given but the network was built with num_classes=0")
+        return None
+    if cond is None:
+        return jnp.full((batch,), num_classes, jnp.int32)
     if not jnp.issubdtype(jnp.asarray(cond).dtype, jnp.integer):
         raise ValueError(f"cond must be an integer class label array, got dtype {jnp.asarray(cond).dtype}")
+    return cond
 
 
 class TimeEmbedding(nn.Module):
@@ -83,12 +89,10 @@ class TimeEmbedding(nn.Module):
         dense = lambda n: nn.Dense(n, kernel_init=default_init, dtype=self.dtype, param_dtype=self.param_dtype)
         emb = sinusoidal_embedding(normalise_time(t, self.time_range) * TIME_SCALE, self.ch)
         emb = dense(4 * self.ch)(nn.silu(dense(4 * self.ch)(emb)))
-        check_labels(cond, self.num_classes)
-        if self.num_classes:
-            if cond is None:
-                cond = jnp.full(t.shape, self.num_classes, jnp.int32)
+        labels = class_labels(cond, t.shape[0], self.num_classes)
+        if labels is not None:
             emb = emb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name="class_embedding")(cond)
+                                 param_dtype=self.param_dtype, name="class_embedding")(labels)
         return emb
 
 

@@ -45,11 +45,9 @@ class MLP(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         feats = [x, layers.sinusoidal_embedding(layers.normalise_time(t, self.time_range) * layers.TIME_SCALE,
                                                 self.embed_dim)]
-        layers.check_labels(cond, self.num_classes)
-        if self.num_classes:
-            if cond is None:
-                cond = jnp.full(t.shape, self.num_classes, jnp.int32)
-            feats.append(nn.Embed(self.num_classes + 1, self.embed_dim, name="class_embedding", **kw)(cond))
+        labels = layers.class_labels(cond, x.shape[0], self.num_classes)
+        if labels is not None:
+            feats.append(nn.Embed(self.num_classes + 1, self.embed_dim, name="class_embedding", **kw)(labels))
         h = jnp.concatenate(feats, axis=-1)
         for _ in range(self.depth):
             h = nn.silu(nn.Dense(self.hidden, **kw)(h))
@@ -84,7 +82,7 @@ class PerStepHeads(nn.Module):
     def __call__(self, x, t, cond=None, train: bool = False):
         if not jnp.issubdtype(jnp.asarray(t).dtype, jnp.integer):
             raise ValueError(f"PerStepHeads takes the int32 timestep t in 1..{self.num_steps}, got dtype {t.dtype}")
-        layers.check_labels(cond, self.num_classes)
+        layers.class_labels(cond, x.shape[0], self.num_classes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.relu(nn.Dense(self.hidden, **kw)(x))
         h = nn.relu(nn.Dense(self.hidden, **kw)(h))
@@ -127,7 +125,7 @@ class MeanVarNets(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, cond=None, train: bool = False):
-        layers.check_labels(cond, self.num_classes)
+        layers.class_labels(cond, x.shape[0], self.num_classes)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = jnp.concatenate([x, layers.normalise_time(t, self.time_range)[:, None]], axis=-1)
         net = lambda name: nn.Dense(x.shape[-1], name=f"{name}_out", **kw)(
