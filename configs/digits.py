@@ -21,7 +21,6 @@ def get_config():
     config.seed = 0
     config.data = data.default_config()  # source="digits": 1500 train / 297 test 8x8 scans
     config.model = presets.digits_unet()
-    del config.model.time_range  # set from config.diffusion.time_input by the training code
     config.diffusion = ml_collections.ConfigDict(dict(
         time="discrete", schedule="cosine", schedule_kwargs={}, T=1000, parameterization="eps",
         variance="fixed_large", time_input="t"))

@@ -288,6 +288,17 @@ def test_elbo_table_json_and_errors(tmp_path, mixture_setup):
         ev.negative_elbo(terms, None, [], jax.random.key(0))
 
 
+def test_epoch_batches_cover_a_split_once():
+    from vdm import data
+
+    ds = data.build_dataset(data.default_config(), split="test", global_batch_size=1, seed=0,
+                            local_device_count=1)
+    batches = list(ev.epoch_batches(ds, 128))
+    assert [b["x"].shape for b in batches] == [(128, 8, 8, 1)] * 3
+    assert sum(int(b["mask"].sum()) for b in batches) == ds.num_examples == 297
+    assert batches[0]["label"].shape == (128,)
+
+
 # ---------------------------------------------------------------------------
 # Feature classifier and InceptionV3.
 # ---------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def random_params(model, *args, seed=0):
     return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, KEY, *args))
 
 
-def dropout_key(seed):
+def rbg_key(seed):
     return jax.random.key(seed, impl="rbg")  # RngBitGenerator: far cheaper to compile than threefry
 
 
@@ -113,14 +113,14 @@ def test_zero_initialised_output_layer():
     h = jax.random.normal(KEY, (2, 4, 4, 16))
     for zero_init in (True, False):
         head = layers.OutputHead(3, num_groups=8, zero_init=zero_init)
-        out = head.apply(head.init(KEY, h), h)
+        out = head.apply(head.init(rbg_key(0), h), h)
         assert out.shape == (2, 4, 4, 3) and np.array_equal(out, np.zeros_like(out)) == zero_init
 
 
 def test_dropout_only_with_train_and_rng(unet):
     model, params, apply, x, t = unet
     y = jnp.arange(4)
-    k1, k2 = dropout_key(1), dropout_key(2)
+    k1, k2 = rbg_key(1), rbg_key(2)
     eval_out = apply(params, x, t, y)
     assert np.all(np.isfinite(eval_out)) and np.array_equal(eval_out, apply(params, x, t, y))  # deterministic
     assert np.array_equal(eval_out, apply(params, x, t, y, rngs={"dropout": k1}))  # rng ignored without train

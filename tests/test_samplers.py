@@ -179,7 +179,8 @@ def test_ddim_eta0_is_deterministic_and_is_euler_on_the_ode():
 
 @pytest.fixture(scope="module")
 def round_trips():
-    """max |decode(encode(x0)) - x0| for DDIM eta=0 (discrete) and Heun (continuous), by step count."""
+    """median |decode(encode(x0)) - x0| for DDIM eta=0 (discrete) and Heun (continuous), by step count.
+    (The median: samples near the boundary between the modes are ill-conditioned for any solver.)"""
     x0 = jax.jit(lambda k: exact.sample(k, MIX1, 512))(jax.random.PRNGKey(3))
     out = {}
     for n in (10, 40, 160):
@@ -194,15 +195,16 @@ def round_trips():
             return (samplers.ddim(den_d, x_T, None, g_d)[0],
                     samplers.probability_flow(den_c, y_T, None, g_c, method="heun")[0], x_T)
         ddim, heun, x_T = run(x0)
-        out[n] = (float(jnp.max(jnp.abs(ddim - x0))), float(jnp.max(jnp.abs(heun - x0))), x_T)
+        out[n] = (float(jnp.median(jnp.abs(ddim - x0))), float(jnp.median(jnp.abs(heun - x0))), x_T)
     return out
 
 
 def test_encode_then_decode_returns_x0_with_error_falling_with_steps(round_trips):
     ddim = [round_trips[n][0] for n in (10, 40, 160)]
     heun = [round_trips[n][1] for n in (10, 40, 160)]
-    assert ddim == sorted(ddim, reverse=True) and ddim[-1] < 0.05, ddim
-    assert heun == sorted(heun, reverse=True) and heun[-1] < 0.01, heun
+    assert ddim == sorted(ddim, reverse=True) and ddim[-1] < 0.05, ddim  # first order: ~1/steps
+    assert heun == sorted(heun, reverse=True) and heun[-1] < 1e-4, heun   # second order
+    assert all(h < d / 5 for h, d in zip(heun, ddim))
     x_T = round_trips[160][2]  # the encoding of data is (close to) the N(0, I) prior
     assert abs(float(jnp.mean(x_T))) < 0.15 and abs(float(jnp.std(x_T)) - 1) < 0.15
 

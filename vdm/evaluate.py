@@ -233,7 +233,7 @@ def discrete_elbo_terms(model_fn_of: Callable, schedule, *, parameterization: st
     (``losses.discrete_elbo``, Ho et al. eq. 5) as ``terms_fn(params, key, x)``.
 
     ``model_fn_of(params)`` returns the ``model_fn(x_t, t)`` of DESIGN.md (e.g.
-    ``lambda p: train.make_model_fn(config, model, diffusion, p)``). The
+    ``lambda p: train.make_model_fn(network, process, time_input, p)``). The
     diffusion entry is the sum of L_1 .. L_{T-1}.
     """
     def terms_fn(params, key, x):
@@ -266,7 +266,7 @@ def vdm_elbo_terms(model_fn_of: Callable, log_snr_fn: Callable, num_samples: int
     """Per-example -ELBO of a continuous-time (T = 0) or T-step VDM averaged over
     ``num_samples`` Monte-Carlo draws of ``losses.vdm_loss`` (Kingma et al. 2021, eqs. 10-17),
     as ``terms_fn(params, key, x)``. ``log_snr_fn(params, t)`` is the (possibly learned)
-    schedule, as ``train.Diffusion.log_snr_fn``.
+    schedule, as ``train.Process.log_snr``.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")

@@ -1,7 +1,9 @@
 """Complete ``model`` config sections for the papers' and seeds' networks.
 
 Each function returns a fresh ml_collections ConfigDict for ``build_model``;
-override fields as usual (``--config.model.ch=64``).
+override fields as usual (``--config.model.ch=64``). ``time_range`` is left to
+the networks' defaults here: the training code sets it from the diffusion
+section (what t the network receives).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ def _section(**fields) -> ml_collections.ConfigDict:
 def _unet(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups=32, num_heads=1):
     return _section(name="unet", ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
                     attn_resolutions=tuple(attn_resolutions), dropout=dropout, num_heads=num_heads,
-                    num_groups=num_groups, time_range=(0.0, 1.0), zero_init_output=True, dtype="float32")
+                    num_groups=num_groups, zero_init_output=True, dtype="float32")
 
 
 def ddpm_cifar10():
@@ -46,11 +48,10 @@ def seed001_unet(image_size: int = 128):
 
 def vdm_cifar10():
     """Kingma et al. 2021, CIFAR-10 (their configs/cifar10.py): 32 blocks of width 128 without
-    downsampling, dropout 0.1, Fourier features 2^6, 2^7, attention only in the middle; t is the
-    log-SNR, normalised with gamma_min = -13.3, gamma_max = 5."""
+    downsampling, dropout 0.1, Fourier features 2^6, 2^7, attention only in the middle. VDMNet's
+    default time_range takes the log-SNR normalised with gamma_min = -13.3, gamma_max = 5."""
     return _section(name="vdm", ch=128, num_blocks=32, dropout=0.1, fourier_exponents=(6, 7), attention=False,
-                    num_heads=1, num_groups=32, input_skip=True, time_range=(13.3, -5.0), zero_init_output=True,
-                    dtype="float32")
+                    num_heads=1, num_groups=32, input_skip=True, zero_init_output=True, dtype="float32")
 
 
 def digits_unet():
@@ -61,7 +62,7 @@ def digits_unet():
 
 def toy_mlp():
     """Time-conditioned MLP for 1-D and 2-D toy data: 3 SiLU layers of 128 units, t embedding 32."""
-    return _section(name="mlp", hidden=128, depth=3, embed_dim=32, time_range=(0.0, 1.0), dtype="float32")
+    return _section(name="mlp", hidden=128, depth=3, embed_dim=32, dtype="float32")
 
 
 def seed003_per_step_heads():
@@ -71,7 +72,7 @@ def seed003_per_step_heads():
 
 def seed002_mean_var_nets():
     """Seed 002's 1-D networks: separate mean and variance nets with one hidden layer of 4 ReLUs."""
-    return _section(name="mean_var_nets", hidden=4, time_range=(0.0, 1.0), dtype="float32")
+    return _section(name="mean_var_nets", hidden=4, dtype="float32")
 
 
 PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_seed004, seed001_unet, vdm_cifar10, digits_unet, toy_mlp,
