@@ -267,15 +267,17 @@ def _memory(n, every):
     den = samplers.Denoiser(_model(MIX1))
     grid = samplers.time_grid(n, schedule=SCHEDULE)
     run = jax.jit(lambda x, k, g: samplers.ancestral(den, x, k, g, trajectory_every=every))
-    return run.lower(jnp.zeros((64, 1)), jax.random.split(KEY, 64), grid).compile().memory_analysis()
+    return run.lower(jnp.zeros((1024, 1)), jax.random.split(KEY, 1024), grid).compile().memory_analysis()
 
 
 def test_memory_does_not_grow_with_steps_without_a_trajectory():
+    """Without a trajectory, 990 more steps add only the grid's per-step scalars (< 32 bytes a
+    step), not a state (1024 x 4 bytes a step); with one, the kept states are outputs."""
     m10, m1000 = _memory(10, None), _memory(1000, None)
-    assert m1000.temp_size_in_bytes <= m10.temp_size_in_bytes + 1024
+    assert m1000.temp_size_in_bytes - m10.temp_size_in_bytes < 32 * 990
     assert m1000.output_size_in_bytes == m10.output_size_in_bytes
-    kept = _memory(1000, 1)  # the trajectory: 2 arrays of 1000 x 64 float32
-    assert kept.output_size_in_bytes >= m10.output_size_in_bytes + 2 * 1000 * 64 * 4
+    kept = _memory(1000, 1)  # the trajectory: 2 arrays of 1000 x 1024 float32
+    assert kept.output_size_in_bytes >= m10.output_size_in_bytes + 2 * 1000 * 1024 * 4
 
 
 def test_trajectory_every_k():
@@ -285,9 +287,9 @@ def test_trajectory_every_k():
     grid = samplers.time_grid(10, schedule=SCHEDULE)
     np.testing.assert_array_equal(traj.times, grid.times[[3, 6, 9, 10]])
     assert traj.x.shape == traj.x0.shape == (4, 32, 1)
-    np.testing.assert_allclose(x, plain, rtol=1e-6)     # the padded no-op steps change nothing
-    np.testing.assert_allclose(traj.x[-1], x, rtol=1e-6)
-    np.testing.assert_allclose(traj.x0[-1], x, rtol=1e-6)  # the last step lands on x0_hat
+    np.testing.assert_allclose(x, plain, atol=1e-4)     # the padded no-op steps change nothing
+    np.testing.assert_array_equal(traj.x[-1], x)
+    np.testing.assert_array_equal(traj.x0[-1], x)       # the last step lands on x0_hat
     assert np.all(np.diff(np.std(traj.x, axis=1)[:, 0]) > -0.05)  # x_t spreads out towards the modes
 
 
@@ -383,6 +385,10 @@ def test_guided_sampling_draws_the_labelled_component():
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "quadratic"])
 @pytest.mark.parametrize("n", [1, 7, 50, 250])
 def test_timestep_spacing(spacing, n):
+    if spacing == "quadratic" and n >= 50:  # floor(k^2 0.8 T / (n-1)^2) repeats small values
+        with pytest.raises(ValueError, match="repeats timesteps"):
+            samplers.timestep_spacing(250, n, spacing)
+        return
     t = samplers.timestep_spacing(250, n, spacing)
     assert t.dtype == np.int32 and t.shape == (n,) and np.all(np.diff(t) > 0) and 1 <= t[0] and t[-1] <= 250
     if spacing in ("linspace", "trailing"):
