@@ -191,7 +191,7 @@ def collect(run_dir: str, point) -> dict:
     unit = "bpd" if elbo["unit"] == "bits/dim" else "nats"
     row[f"nelbo_{unit}"] = total["mean"]
     row[f"nelbo_{unit}_se"] = total["stderr"]
-    samples = ev.get("samples", {})
+    samples = (ev.get("samples") or [{}])[0]
     for metric in ("classifier_fd", "fid", "mmd", "sliced_wasserstein"):
         if metric in samples:
             row[metric] = samples[metric]

@@ -50,9 +50,11 @@ _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
 _SAMPLE_METRICS = flags.DEFINE_bool("sample_metrics", False, "Also draw samples and measure their quality.")
 _NUM_GENERATED = flags.DEFINE_integer("num_generated", 1000, "Samples drawn for --sample_metrics.")
-_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "Sampler for --sample_metrics (vdm.samplers.SAMPLERS).")
-_SAMPLING_STEPS = flags.DEFINE_integer("sampling_steps", 0, "Sampling steps (0: all T; continuous time: "
-                                       "the config's sample.num_steps).")
+_SAMPLER = flags.DEFINE_list("sampler", ["ancestral"], "Comma list of samplers for --sample_metrics "
+                              "(vdm.samplers.SAMPLERS).")
+_SAMPLING_STEPS = flags.DEFINE_list("sampling_steps", ["0"], "Comma list of sampling step counts (0: all T; "
+                                    "continuous time: the config's sample.num_steps). Several samplers or "
+                                    "step counts: one row each, and <workdir>/sample_quality.png.")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (--sampler=ddim).")
 _MODES = flags.DEFINE_list("mode_centres", [], "Toy data: mode centres (1-D: numbers; 2-D: x:y pairs); "
                            "reports the fraction of samples nearest each.")
@@ -129,24 +131,47 @@ def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk):
     return evaluate.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
 
 
-def draw_samples(setup, config, params, key, shape, images):
-    """Samples of ``shape`` [n, ...] from the model with the flags' sampler, and the step count."""
+def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int):
+    """Samples of ``shape`` [n, ...] from the model, and the number of steps taken."""
     import numpy as np
 
     from vdm import samplers, train
 
     d, process = config.diffusion, setup.process
-    steps = _SAMPLING_STEPS.value or config.get("sample", {}).get("num_steps", 0) or None
+    steps = num_steps or config.get("sample", {}).get("num_steps", 0) or None
     if steps is None and not process.discrete:
         raise app.UsageError("--sampling_steps is required for a continuous-time model")
-    options = {} if _ETA.value is None else {"eta": _ETA.value}
+    options = {} if _ETA.value is None or sampler != "ddim" else {"eta": _ETA.value}
     model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
-    x = samplers.sample(model_fn, key, shape, sampler=_SAMPLER.value,
-                        schedule=process.schedule,
+    x = samplers.sample(model_fn, key, shape, sampler=sampler, schedule=process.schedule,
                         log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
                         num_steps=steps, parameterization=d.parameterization, variance_type=d.variance,
                         clip_x0=(-1.0, 1.0) if images else None, **options)
     return np.asarray(x), steps or process.T
+
+
+def sample_metrics(setup, config, params, key, dataset, batch_size, images, centres, sampler, num_steps):
+    """One row of sample-quality metrics for a sampler and step count."""
+    import jax
+    import numpy as np
+
+    from vdm import evaluate, toy_data
+
+    n = _NUM_GENERATED.value
+    samples, steps = draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), images,
+                                  sampler, num_steps)
+    row = {"sampler": sampler, "steps": steps, "num_samples": n}
+    if images:
+        real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
+        row.update(image_sample_metrics(_WORKDIR.value, config, dataset, real, samples, _SEED.value))
+        return row
+    fresh = toy_data.get(config.data.name).sample(np.random.default_rng([_SEED.value, 7]), n)
+    row.update(evaluate.toy_sample_metrics(jax.random.fold_in(key, 1), samples, fresh))
+    if centres is not None:
+        row["mode_centres"] = centres.tolist()
+        row["mode_fractions"] = evaluate.mode_fractions(samples, centres).tolist()
+        row["mode_fractions_stderr"] = [math.sqrt(p * (1 - p) / n) for p in row["mode_fractions"]]
+    return row
 
 
 def image_sample_metrics(workdir, config, dataset, real, samples, seed):
@@ -185,7 +210,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from vdm import data, evaluate, toy_data, train
+    from vdm import data, evaluate, train
 
     workdir = _WORKDIR.value
     config = load_config(workdir, _CONFIG.value)
@@ -226,28 +251,23 @@ def main(argv):
               f"{'within' if diff['within_stderr'] else 'outside'} one standard error)\n")
 
     if _SAMPLE_METRICS.value:
-        n = _NUM_GENERATED.value
-        samples, steps = draw_samples(setup, config, params, jax.random.fold_in(key, 1000),
-                                      (n,) + tuple(dataset.data_shape), images)
-        metrics = {"sampler": _SAMPLER.value, "steps": steps, "num_samples": n}
-        if images:
-            real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[
-                :dataset.num_examples]
-            metrics.update(image_sample_metrics(workdir, config, dataset, real, samples, _SEED.value))
-        else:
-            dist = toy_data.get(config.data.name)
-            fresh = dist.sample(np.random.default_rng([_SEED.value, 7]), n)
-            metrics.update(evaluate.toy_sample_metrics(jax.random.fold_in(key, 2000), samples, fresh))
-            if centres is not None:
-                metrics["mode_centres"] = centres.tolist()
-                metrics["mode_fractions"] = evaluate.mode_fractions(samples, centres).tolist()
-                metrics["mode_fractions_stderr"] = [math.sqrt(p * (1 - p) / n)
-                                                    for p in metrics["mode_fractions"]]
-        result["samples"] = metrics
-        print(f"sample quality ({_SAMPLER.value}, {steps} steps, {n} samples)")
-        for k, v in metrics.items():
-            if k not in ("sampler", "steps", "num_samples"):
-                print(f"  {k:<22}{v}")
+        from vdm import viz
+
+        rows = []
+        for i, (sampler, steps) in enumerate((a, int(b)) for a in _SAMPLER.value for b in _SAMPLING_STEPS.value):
+            row = sample_metrics(setup, config, params, jax.random.fold_in(key, 1000 + i), dataset, batch_size,
+                                 images, centres, sampler, steps)
+            rows.append(row)
+            print(f"sample quality ({sampler}, {row['steps']} steps, {row['num_samples']} samples)")
+            for k, v in row.items():
+                if k not in ("sampler", "steps", "num_samples"):
+                    print(f"  {k:<22}{v}")
+        result["samples"] = rows
+        if len(rows) > 1:
+            metrics = [k for k in ("classifier_fd", "fid", "mmd", "sliced_wasserstein") if k in rows[0]]
+            path = viz.plot_ablation(os.path.join(workdir, "sample_quality.png"), rows, metrics, label="sampler",
+                                     x="steps", log_x=True, title="sample quality vs sampling steps")
+            print(f"wrote {path}")
 
     out = _OUT.value or os.path.join(workdir, f"eval_{_SPLIT.value}.json")
     print(f"wrote {evaluate.save_json(out, result)}")

@@ -10,7 +10,7 @@ Mixtures: seed 002's 1-D 1/3 N(-4, 1) + 2/3 N(4, 1), and a 2-D two-component
 mixture with diagonal covariances. Schedules: discrete linear (Ho et al., T=1000)
 and continuous cosine / VP-linear (so the N(0, I) prior is exact to < 1e-3).
 
-    python scripts/sampler_accuracy.py [--n 20000] [--dims 1 2]
+    python scripts/sampler_accuracy.py [--n 20000] [--dims 1 2] [--only "ddim"]
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ ROWS = [
      "num_steps"),
     ("continuous ancestral (VDM), cosine", dict(log_snr_fn=COSINE), "num_steps"),
 ]
-ROWS_2D = ("ancestral fixed_small (respaced)", "ddim eta=0", "pc (r=0.16, 1 corrector step)",
+ROWS_2D = ("ancestral fixed_small (respaced)", "ancestral fixed_large (respaced)",
+           "ancestral learned_range (respaced)", "ddim eta=0", "pc (r=0.16, 1 corrector step)",
            "ode heun, cosine, karras rho=7", "continuous ancestral (VDM), cosine")
 STEPS = (10, 25, 100, 1000)
 
@@ -67,6 +68,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20000, help="samples per cell")
     parser.add_argument("--dims", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    parser.add_argument("--only", default="", help="run only the rows whose label contains this")
     args = parser.parse_args()
     key = jax.random.PRNGKey(0)
     for dim in args.dims:
@@ -78,7 +80,7 @@ def main():
         floor = errors(mixture, exact.sample(jax.random.PRNGKey(2), mixture, args.n), ref)
         print("| exact samples (MC floor) | " + " | ".join(["%.3f / %.3f / %.3f" % floor] * len(STEPS)) + " |")
         for label, kwargs, arg in ROWS:
-            if dim == 2 and label not in ROWS_2D:
+            if (dim == 2 and label not in ROWS_2D) or args.only not in label:
                 continue
             model = exact.model_fn(mixture, kwargs.get("parameterization", "eps"),
                                    schedule=kwargs.get("schedule"), log_snr_fn=kwargs.get("log_snr_fn"),

@@ -13,7 +13,7 @@ grow with the number of steps; the step arrays are traced arguments.
 The samplers (``SAMPLERS``):
   ancestral  Ho et al. 2020 Alg. 2 with any variance type; on a subsequence it is
              Nichol & Dhariwal 2021 §4 respacing; in continuous time the VDM sampler
-             (Kingma et al. 2021, App. A.4).
+             (Kingma et al. 2021: p(z_s | z_t) = q(z_s | z_t, x = x_hat(z_t))).
   ddim       Song et al. 2021 (DDIM) eq. 12 with eta in [0, 1].
   langevin   Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1).
   pc         Predictor-corrector (Song et al. 2021, SDE paper, Alg. 2 / Alg. 5).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -69,7 +68,7 @@ def timestep_spacing(T: int, num_steps: int, spacing: str = "linspace") -> np.nd
 
       linspace   round(linspace(T, 1, num_steps)): both ends included (Nichol & Dhariwal 2021 §4)
       leading    1 + k floor(T / num_steps), k = 0..num_steps-1 (DDIM's "uniform", starts at t = 1)
-      trailing   round(T - k T / num_steps): ends at T (Lin et al. 2024, Table 2)
+      trailing   round(T - k T / num_steps): ends at T (Lin et al. 2024)
       quadratic  1 + floor(k^2 0.8 T / (num_steps - 1)^2) (DDIM code, "quad"; dense at low noise)
     """
     _check_int("T", T, 1)
@@ -264,7 +263,8 @@ class Denoiser:
 
 
 # ---------------------------------------------------------------------------
-# One-step updates (pure). ``noise`` is a standard normal array shaped like x.
+# One-step updates (pure). Levels (t, log-SNR) are scalars: a driver steps the
+# whole batch through one level. ``noise`` is a standard normal array like x.
 # ---------------------------------------------------------------------------
 
 
@@ -339,10 +339,13 @@ def ode_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"
 
       dy / dsigma = eps_hat(alpha y, sigma)
 
-    (Karras et al. 2022 eq. 4 with s(t) = 1, sigma(t) = t, in the data-scaled variable; Song et
-    al. 2021, DDIM eq. 14). "euler": y_s = y_t + (sigma_s - sigma_t) d_t, which is DDIM with
-    eta = 0; "heun": Karras Alg. 1 lines 5-8, the trapezoid with the slope re-evaluated at s, except
+    (Karras et al. 2022 eqs. 1 and 3 with sigma(t) = t: dy/dsigma = (y - D(y; sigma)) / sigma; Song
+    et al. 2021, DDIM eq. 14). "euler": y_s = y_t + (sigma_s - sigma_t) d_t, which is DDIM with
+    eta = 0; "heun": Karras Alg. 1 lines 4-8, the trapezoid with the slope re-evaluated at s, except
     into the data level (sigma_s = 0), where Alg. 1 takes the Euler step. Runs either direction.
+    Heun's rule needs grids with bounded sigma ratios (the Karras grid): a single step across
+    orders of magnitude of sigma (a uniform t-grid on a schedule reaching log-SNR -20) is
+    unstable, while Euler (DDIM) stays exact for the part of eps_hat linear in y.
     Returns (x_s = alpha_s y_s, x0_hat)."""
     alpha_t, _ = diffusion.alpha_sigma(log_snr_t)
     alpha_s, _ = diffusion.alpha_sigma(log_snr_s)
@@ -425,7 +428,7 @@ def _check_every(every):
 def ancestral(den: Denoiser, x_T, keys, grid: Grid, *, trajectory_every=None):
     """Ancestral sampling x_T -> ... -> x_0 with ``ancestral_step`` on every grid step:
     Ho et al. 2020 Alg. 2 on the full grid; respaced (Nichol & Dhariwal §4) on a subsequence;
-    the VDM sampler (Kingma et al. 2021, App. A.4) on a continuous grid. ``learned`` (a free
+    the VDM sampler (Kingma et al. 2021) on a continuous grid, any number of steps. ``learned`` (a free
     log-variance) is the variance of one step t -> t-1 and needs the full discrete grid."""
     _check_every(trajectory_every)
 
@@ -460,6 +463,11 @@ def annealed_langevin(den: Denoiser, x_T, keys, grid: Grid, *, steps_per_level: 
     prior at the first level. With ``denoise`` the output is the Tweedie denoiser
     E[x_0 | y] = y - sigma_L eps_hat at the last level (Song et al. 2021 SDE code;
     Jolicoeur-Martineau et al. 2021), else y itself (noise sigma_L left in).
+
+    Choosing the levels: step_size = 2e-5 is Song & Ermon's for sigma_L = 0.01 on
+    images. The last levels equilibrate only if steps_per_level * a_i reaches the
+    data's local variance; for unit-variance modes use a larger sigma_L, e.g. the
+    Karras grid with sigma_min = 0.1 and step_size = 0.005 (scripts/sampler_accuracy.py).
     """
     _check_options("langevin", dict(steps_per_level=steps_per_level, step_size=step_size, denoise=denoise))
     _check_every(trajectory_every)
