@@ -249,8 +249,9 @@ UNET_SIZES = {"small": (32, (1, 2, 2), 32), "base": (64, (1, 2, 2, 2), 16)}
 IMAGE_SHAPE = (32, 32, 3)
 
 
-def unet_config(size: str, batch: int, dtype: str, steps_per_call: int = 1):
-    """The default run's config (configs/digits.py) with the ``size`` UNet on 32x32x3 8-bit images."""
+def unet_config(ch: int, ch_mult, batch: int, dtype: str, steps_per_call: int = 1, attn_resolutions=(16,),
+                T: int = 1000):
+    """The default run's config (configs/digits.py) with Ho et al.'s UNet at width ``ch``."""
     import importlib.util
 
     from vdm.models import presets
@@ -260,25 +261,26 @@ def unet_config(size: str, batch: int, dtype: str, steps_per_call: int = 1):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    ch, ch_mult, _ = UNET_SIZES[size]
     config.model = presets.ddpm_cifar10()
-    config.model.ch, config.model.ch_mult, config.model.dtype = ch, ch_mult, dtype
-    config.diffusion.schedule, config.diffusion.T = "linear", 1000
+    config.model.ch, config.model.ch_mult, config.model.dtype = ch, tuple(ch_mult), dtype
+    config.model.attn_resolutions = tuple(attn_resolutions)
+    config.diffusion.schedule, config.diffusion.T = "linear", T
     config.train.batch_size, config.train.steps_per_call = batch, steps_per_call
     return config
 
 
 class UNetBench:
-    """The pieces of the real training code for one UNet size: network, objective, optimiser."""
+    """The pieces of the real training code for one UNet: network, objective, optimiser, params."""
 
-    def __init__(self, size: str, batch: int, dtype: str, steps_per_call: int = 1):
+    def __init__(self, ch: int, ch_mult, batch: int, dtype: str = "float32", steps_per_call: int = 1,
+                 image_shape=IMAGE_SHAPE, attn_resolutions=(16,), T: int = 1000):
         import types
 
         from vdm import train as train_lib
 
-        self.train_lib, self.batch, self.k = train_lib, batch, steps_per_call
-        self.config = unet_config(size, batch, dtype, steps_per_call)
-        data = types.SimpleNamespace(data_shape=IMAGE_SHAPE, is_discrete_8bit=True)
+        self.train_lib, self.batch, self.k, self.image_shape = train_lib, batch, steps_per_call, tuple(image_shape)
+        self.config = unet_config(ch, ch_mult, batch, dtype, steps_per_call, attn_resolutions, T)
+        data = types.SimpleNamespace(data_shape=self.image_shape, is_discrete_8bit=True)
         self.setup = train_lib.build_setup(self.config, data)
         self.params = self.setup.init_params(jax.random.PRNGKey(0))
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.params["net"]))
@@ -301,7 +303,7 @@ class UNetBench:
         n = jax.local_device_count()
         if self.batch % n:
             raise ValueError(f"--train-batch {self.batch} must be divisible by the {n} local devices")
-        x = jax.random.uniform(jax.random.PRNGKey(2), (n, self.k, self.batch // n) + IMAGE_SHAPE,
+        x = jax.random.uniform(jax.random.PRNGKey(2), (n, self.k, self.batch // n) + self.image_shape,
                                minval=-1.0, maxval=1.0)
         p_train = tl.make_p_train(self.setup.objective, optimizer, optim)
         return p_train, flax.jax_utils.replicate(state), {"x": x}
@@ -324,7 +326,7 @@ def bench_train(ub: UNetBench, repeats: int) -> dict:
 
 def bench_forward(ub: UNetBench, batch: int, repeats: int) -> dict:
     """One jitted network forward at ``batch``."""
-    x = jax.random.normal(jax.random.PRNGKey(3), (batch,) + IMAGE_SHAPE)
+    x = jax.random.normal(jax.random.PRNGKey(3), (batch,) + ub.image_shape)
     t = jnp.full((batch,), ub.process.T // 2, jnp.int32)
     r = measure(lambda params, x, t: ub.model_fn(params)(x, t), ub.params, x, t, repeats=repeats)
     return {**r, "gflops": rate(r, r["flops"] / 1e9), "batch": batch}
@@ -337,7 +339,7 @@ def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_s
     from vdm import samplers
 
     def run(num_steps):
-        return lambda params, key: samplers.sample(ub.model_fn(params), key, (batch,) + IMAGE_SHAPE,
+        return lambda params, key: samplers.sample(ub.model_fn(params), key, (batch,) + ub.image_shape,
                                                    sampler=sampler, num_steps=num_steps,
                                                    **ub.diffusion_kwargs())
 
@@ -355,7 +357,7 @@ def bench_elbo(ub: UNetBench, batch: int, chunk: int, repeats: int) -> dict:
     """``losses.discrete_elbo`` (all T terms, ``chunk`` timesteps per network call): images/s."""
     from vdm import losses
 
-    x0 = jax.random.uniform(jax.random.PRNGKey(5), (batch,) + IMAGE_SHAPE, minval=-1.0, maxval=1.0)
+    x0 = jax.random.uniform(jax.random.PRNGKey(5), (batch,) + ub.image_shape, minval=-1.0, maxval=1.0)
     x0 = jnp.round((x0 + 1) * 127.5) / 127.5 - 1  # on the 8-bit grid, as the decoder expects
     d = ub.config.diffusion
 
@@ -509,7 +511,8 @@ def main(argv=None) -> dict:
     sizes = list(dict.fromkeys(args.sizes + (args.elbo_sizes if "elbo" in args.only else [])))
     for size in sizes:
         batch = args.train_batch or UNET_SIZES[size][2]
-        ub = UNetBench(size, batch, args.dtype, args.steps_per_call)
+        ch, ch_mult, _ = UNET_SIZES[size]
+        ub = UNetBench(ch, ch_mult, batch, args.dtype, args.steps_per_call)
         u = results["unet"][size] = {"num_params": ub.num_params}
         if size in args.sizes and "train" in args.only:
             u["train"] = bench_train(ub, args.repeats)

@@ -79,7 +79,8 @@ def load_config(workdir: str, config):
 
 
 def restore_params(workdir: str, train_cfg, step: int, raw: bool):
-    """The (EMA) parameters of a checkpoint and its step."""
+    """The (EMA) parameters of a checkpoint, as device arrays, and its step."""
+    import jax
     import orbax.checkpoint as ocp
 
     from vdm import train
@@ -91,7 +92,7 @@ def restore_params(workdir: str, train_cfg, step: int, raw: bool):
                              f"available steps: {list(manager.all_steps())}")
     state = manager.restore(step, args=ocp.args.StandardRestore())
     manager.close()
-    return state["params" if raw else "ema_params"], step
+    return jax.device_put(state["params" if raw else "ema_params"]), step
 
 
 def elbo_methods(values, discrete: bool) -> list:

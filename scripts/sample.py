@@ -62,6 +62,7 @@ def load_config(workdir: str, config):
 
 def restore_params(workdir: str, train_cfg, step: int, raw: bool):
     """The (EMA) parameters of a checkpoint, restored as saved (no template needed)."""
+    import jax
     import orbax.checkpoint as ocp
 
     from vdm import train
@@ -72,7 +73,7 @@ def restore_params(workdir: str, train_cfg, step: int, raw: bool):
         raise app.UsageError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
                              f"available steps: {list(manager.all_steps())}")
     state = manager.restore(step, args=ocp.args.StandardRestore())
-    return state["params" if raw else "ema_params"], step
+    return jax.device_put(state["params" if raw else "ema_params"]), step  # numpy leaves break traced indexing
 
 
 def parse_options(pairs):

@@ -1,0 +1,81 @@
+"""Smoke test of scripts/benchmark.py at toy sizes: FLOP counting, timing records, the UNet sections.
+
+No timing is asserted; the FLOP counts are checked against closed forms and XLA's own count.
+"""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_of_matmul_conv_and_scan_match_closed_forms(bench):
+    a, b = jnp.ones((3, 5)), jnp.ones((5, 7))
+    assert bench.count_flops(jnp.matmul, a, b) == 2 * 3 * 5 * 7
+    x, w = jnp.ones((2, 6, 6, 4)), jnp.ones((3, 3, 4, 8))
+    fwd = 2 * 2 * 6 * 6 * 8 * 3 * 3 * 4
+    assert bench.count_flops(bench.conv3x3, x, w) == fwd
+    # Forward + both gradients are three convolutions of the same cost.
+    grads = jax.grad(lambda x, w: jnp.sum(bench.conv3x3(x, w) ** 2), argnums=(0, 1))
+    assert bench.count_flops(grads, x, w) == 3 * fwd
+    # A scan body counts once per iteration; XLA's estimate counts it once in all.
+    scanned = lambda a: jax.lax.scan(lambda c, _: (c @ c, None), a, None, length=4)[0]
+    assert bench.count_flops(scanned, jnp.ones((8, 8))) == 4 * 2 * 8 ** 3
+
+
+def test_flops_agree_with_xla_on_a_conv_gradient(bench):
+    # VALID padding: XLA's estimate leaves out products with 'SAME' padding zeros, ours counts them.
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+    f = jax.grad(lambda w: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2))
+    xla = bench.compiled_stats(jax.jit(f).lower(w).compile())["xla_flops"]
+    # XLA adds a few elementwise FLOPs (the squares and sums) to the two convolutions.
+    assert bench.count_flops(f, w) <= xla < 1.1 * bench.count_flops(f, w)
+
+
+def test_measure_and_conv_limits_report_ordered_statistics(bench):
+    r = bench.bench_conv(2, 8, 8, "float32", repeats=3)
+    for name in ("forward+backward", "forward", "backward_input", "backward_kernel"):
+        g = r[name]["gflops"]
+        assert 0 < g["min"] <= g["median"] <= g["max"]
+        assert r[name]["compile_s"] > 0 and r[name]["xla_peak_bytes"] > 0
+    assert r["forward+backward"]["flops"] == 3 * r["forward"]["flops"] == 3 * r["backward_kernel"]["flops"]
+
+
+def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
+    ub = bench.UNetBench(32, (1,), batch=2, image_shape=(8, 8, 3), attn_resolutions=(), T=50)
+    train = bench.bench_train(ub, repeats=1)
+    fwd = bench.bench_forward(ub, 2, repeats=1)
+    # Training executes forward + input gradient + kernel gradient (the first conv's input
+    # gradient is not needed), so between 2x and 3x the forward's FLOPs per image.
+    per_image_fwd = fwd["flops"] / 2
+    assert 2 * per_image_fwd < train["gflop_per_image"] * 1e9 <= 3 * per_image_fwd
+    smp = bench.bench_sampler(ub, "ddim", 2, steps=2, compile_steps=5, repeats=1)
+    assert smp["flops"] == 2 * fwd["flops"]  # one network call per step
+    elbo = bench.bench_elbo(ub, batch=1, chunk=25, repeats=1)
+    assert elbo["flops"] == 50 * fwd["flops"] / 2  # T = 50 network evaluations of one image
+    rows = bench.unet_rows("toy", {"train": train, "forward": fwd, "samplers": {"ddim": smp},
+                                   "elbo": {**elbo, "forward": fwd}}, conv_limit=1.0, peak=None)
+    json.dumps(rows)  # the report is plain JSON
+    assert {"train toy / conv3x3 fwd+bwd limit", "ddim toy step / forward"} <= {r["what"] for r in rows}
+    assert np.isfinite(smp["step_over_forward"]["median"]) and smp["step_over_forward"]["median"] > 0
+
+
+def test_bad_arguments_are_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "limits,bogus"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sizes", "huge"])
