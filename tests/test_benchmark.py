@@ -48,11 +48,12 @@ def test_flops_agree_with_xla_on_a_conv_gradient(bench):
 
 def test_measure_and_conv_limits_report_ordered_statistics(bench):
     r = bench.bench_conv(2, 8, 8, "float32", repeats=3)
-    for name in ("forward+backward", "forward", "backward_input", "backward_kernel"):
+    for name in ("forward+backward", "forward+backward unet", "forward", "backward_input", "backward_kernel"):
         g = r[name]["gflops"]
         assert 0 < g["min"] <= g["median"] <= g["max"]
         assert r[name]["compile_s"] > 0 and r[name]["xla_peak_bytes"] > 0
     assert r["forward+backward"]["flops"] == 3 * r["forward"]["flops"] == 3 * r["backward_kernel"]["flops"]
+    assert r["forward+backward unet"]["flops"] == r["forward+backward"]["flops"]
 
 
 def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
@@ -68,9 +69,9 @@ def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
     elbo = bench.bench_elbo(ub, batch=1, chunk=25, repeats=1)
     assert elbo["flops"] == 50 * fwd["flops"] / 2  # T = 50 network evaluations of one image
     rows = bench.unet_rows("toy", {"train": train, "forward": fwd, "samplers": {"ddim": smp},
-                                   "elbo": {**elbo, "forward": fwd}}, conv_limit=1.0, peak=None)
+                                   "elbo": {**elbo, "forward": fwd}}, conv_limits={"matmul": 1.0}, peak=None)
     json.dumps(rows)  # the report is plain JSON
-    assert {"train toy / conv3x3 fwd+bwd limit", "ddim toy step / forward"} <= {r["what"] for r in rows}
+    assert {"train toy / matmul", "ddim toy step / forward"} <= {r["what"] for r in rows}
     assert np.isfinite(smp["step_over_forward"]["median"]) and smp["step_over_forward"]["median"] > 0
 
 

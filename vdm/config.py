@@ -19,7 +19,9 @@ from vdm import data as data_lib
 from vdm import diffusion as diffusion_lib
 from vdm import losses
 from vdm import models
+from vdm import samplers
 from vdm import schedules
+from vdm.models import presets
 
 SECTIONS = ("data", "model", "diffusion", "loss", "optim", "train", "eval", "sample")
 TIMES = ("discrete", "continuous")
@@ -27,6 +29,45 @@ TIME_INPUTS = ("t", "log_snr")
 CONTINUOUS_SCHEDULES = schedules.CONTINUOUS_SCHEDULES + ("learned",)
 ELBO_METHODS = ("mc", "exact")
 DECAYS = ("constant", "cosine")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """A config with every field, set for the default run (DDPM on the embedded 8x8 digits).
+
+    Experiment files (configs/*.py) start from this and change what differs.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = data_lib.default_config()
+    c.model = presets.digits_unet()
+    c.diffusion = ml_collections.ConfigDict(dict(
+        time="discrete",            # "discrete" (t = 1..T) or "continuous" (t in [0, 1])
+        schedule="cosine",          # DISCRETE_SCHEDULES, or CONTINUOUS_SCHEDULES + ("learned",)
+        schedule_kwargs=ml_collections.ConfigDict(),
+        T=1000,                     # discrete: steps; continuous: 0 = continuous-time VDM loss, else its T-step form
+        parameterization="eps",     # eps | x0 | v | score
+        variance="fixed_large",     # fixed_small | fixed_large | learned_range | learned
+        time_input="t",             # the network sees "t" (its time_range is (0, T) or (0, 1)) or "log_snr"
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        name="simple",              # simple | hybrid | vlb (discrete) ; vdm (continuous)
+        loss_type="l2", weighting="none", target="", snr_gamma=5.0, hybrid_lambda=1e-3,
+        decoder="auto",             # auto: discretized / categorical for 8-bit data, gaussian otherwise
+        importance_sampling=False, history=10,  # loss-history sampling of t for "vlb"
+        antithetic=True,            # vdm: low-discrepancy times over the global batch
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9,
+        b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
+    c.train = ml_collections.ConfigDict(dict(
+        num_steps=4000, batch_size=128, steps_per_call=1, log_every=100, checkpoint_every=1000,
+        keep_checkpoints=2, distributed=False, coordinator_address="", num_processes=1, process_id=0))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=1000, batch_size=100, num_batches=0,  # 0 = the whole held-out split
+        elbo="mc", elbo_samples=8, elbo_chunk=50))
+    c.sample = ml_collections.ConfigDict(dict(
+        num_samples=64, sampler="ancestral", num_steps=0, spacing="linspace", clip_x0=True))
+    return c
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -194,6 +235,19 @@ def validate_eval(ev: ml_collections.ConfigDict, train: ml_collections.ConfigDic
         _fail("eval.batch_size", ev.batch_size, f"must be divisible by the number of devices ({n})")
 
 
+def validate_sample(sample: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    _require("sample", sample, ("num_samples", "sampler", "num_steps", "spacing", "clip_x0"))
+    _int_at_least(sample, "num_samples", "sample", 0)
+    _int_at_least(sample, "num_steps", "sample", 0)
+    _one_of(sample, "sampler", "sample", samplers.SAMPLERS)
+    _one_of(sample, "spacing", "sample", samplers.DISCRETE_SPACINGS if d.time == "discrete"
+            else samplers.CONTINUOUS_SPACINGS)
+    if d.time == "discrete" and sample.num_steps > d.T:
+        _fail("sample.num_steps", sample.num_steps, f"must be at most diffusion.T = {d.T} (0 = all T steps)")
+    if not isinstance(sample.clip_x0, bool):
+        _fail("sample.clip_x0", sample.clip_x0, "must be True or False")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field of a training config; raise ValueError naming the first bad one."""
     missing = [s for s in SECTIONS if s not in config]
@@ -209,5 +263,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_eval(config.eval, config.train)
     if config.eval.elbo == "exact" and config.diffusion.time != "discrete":
         _fail("eval.elbo", "exact", "the exact sum over T terms needs diffusion.time = 'discrete'; use 'mc'")
+    validate_sample(config.sample, config.diffusion)
     validate_model(config.model)
     data_lib.validate_config(config.data)

@@ -41,6 +41,7 @@ from vdm import data as data_lib
 from vdm import diffusion
 from vdm import losses
 from vdm import models
+from vdm import samplers
 from vdm import schedules
 from vdm import viz
 
@@ -302,8 +303,22 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
     return Objective(loss, nelbo_bpd, init, update)
 
 
-def build_sampler(config, network, process):
-    return None
+def build_sampler(config: ml_collections.ConfigDict, network, process: Process, data_shape) -> Callable:
+    """``sample(params, key) -> config.sample.num_samples`` samples with ``vdm.samplers.sample``;
+    x0 predictions are clipped to [-1, 1] for image data when ``sample.clip_x0``."""
+    s, d = config.sample, config.diffusion
+    clip = (-1.0, 1.0) if s.clip_x0 and len(data_shape) == 3 else None
+
+    def sample(params, key):
+        levels = (dict(schedule=process.schedule) if process.discrete
+                  else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
+        return samplers.sample(make_model_fn(network, process, d.time_input, params), key,
+                               (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
+                               num_steps=s.num_steps or None, spacing=s.spacing,
+                               parameterization=d.parameterization, variance_type=d.variance,
+                               clip_x0=clip, **levels)
+
+    return sample
 
 
 class Setup(NamedTuple):
@@ -332,7 +347,8 @@ def build_setup(config: ml_collections.ConfigDict, dataset) -> Setup:
         params["net"] = network.init(k_net, x, s)["params"]
         return params
 
-    return Setup(process, network, objective, init_params, build_sampler(config, network, process))
+    return Setup(process, network, objective, init_params,
+                 build_sampler(config, network, process, dataset.data_shape))
 
 
 # ---------------------------------------------------------------------------
@@ -382,7 +398,7 @@ def make_p_train(objective, optimizer, optim) -> Callable:
     def multi_step(state, batches):
         return jax.lax.scan(step, state, batches)
 
-    return jax.pmap(multi_step, axis_name=AXIS, donate_argnums=(0,))
+    return jax.pmap(multi_step, axis_name=AXIS)
 
 
 # ---------------------------------------------------------------------------
@@ -542,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log.console(f"{'resumed from' if step else 'starting at'} step {step}; "
                 f"{jax.process_count()} process(es), {jax.device_count()} device(s), "
                 f"global batch {train.batch_size}")
-    state = flax.jax_utils.replicate(host_state)
+    state = flax.jax_utils.replicate(host_state, axis_name=AXIS)  # the sharding pmap outputs
     p_train = make_p_train(setup.objective, optimizer, optim)
     p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
                       in_axes=(0, 0, 0, None, None))

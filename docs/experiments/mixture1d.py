@@ -8,12 +8,12 @@ importance-sampled t) with a Gaussian decoder. The network is the toy MLP
 
     python scripts/train.py --config=docs/experiments/mixture1d.py --workdir=runs/mixture1d
 """
-from configs import digits
+from vdm import config as config_lib
 from vdm.models import presets
 
 
 def get_config():
-    c = digits.get_config()
+    c = config_lib.defaults()
     c.data.source, c.data.name, c.data.num_test = "toy", "mixture1d", 10000
     c.model = presets.toy_mlp()
     if "time_range" in c.model:

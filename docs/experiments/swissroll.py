@@ -3,12 +3,12 @@ predicting the mean (eps form) and a free log-variance, trained on the variation
 
     python scripts/train.py --config=docs/experiments/swissroll.py --workdir=runs/swissroll
 """
-from configs import digits
+from vdm import config as config_lib
 from vdm.models import presets
 
 
 def get_config():
-    c = digits.get_config()
+    c = config_lib.defaults()
     c.data.source, c.data.name, c.data.num_test = "toy", "swissroll", 5000
     c.model = presets.seed003_per_step_heads()
     if "time_range" in c.model:

@@ -1,0 +1,53 @@
+"""Runs a tiny training job for tests/test_train.py in a fresh process.
+
+    python tests/train_worker.py WORKDIR DEVICES [key=value overrides...] [--process I/N@PORT]
+
+Forces DEVICES CPU devices, trains the tiny config below (2-D toy data, small
+MLP) and writes the final params of this process to WORKDIR/params_<process>.npz.
+"""
+import os
+import sys
+
+workdir, devices, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+
+from vdm import config as config_lib  # noqa: E402
+from vdm import train  # noqa: E402
+from vdm.models import presets  # noqa: E402
+
+
+def tiny_config():
+    c = config_lib.defaults()
+    c.data.source, c.data.name, c.data.num_test = "toy", "gaussians2d", 32
+    c.model = presets.toy_mlp()
+    c.model.update(dict(hidden=32, depth=2, embed_dim=8))
+    c.diffusion.update(dict(schedule="linear", T=50))
+    c.optim.update(dict(lr=1e-2, warmup_steps=2, ema_decay=0.9))
+    c.train.update(dict(num_steps=3, batch_size=16, log_every=1, checkpoint_every=1000, keep_checkpoints=3))
+    c.eval.update(dict(every=1000, batch_size=16, elbo_samples=2))
+    c.sample.num_samples = 0
+    return c
+
+
+config = tiny_config()
+for arg in args:
+    if arg.startswith("--process"):
+        spec, port = arg.split("=")[1].split("@")
+        pid, n = map(int, spec.split("/"))
+        config.train.update(dict(distributed=True, coordinator_address=f"localhost:{port}",
+                                 num_processes=n, process_id=pid))
+        continue
+    key, value = arg.split("=", 1)
+    section, field = key.split(".")
+    config[section][field] = type(config[section][field])(eval(value))
+train.setup_distributed(config.train)
+state = train.train_and_evaluate(config, workdir)
+leaves = jax.tree_util.tree_leaves_with_path(state.params)
+np.savez(os.path.join(workdir, f"params_{jax.process_index()}.npz"),
+         **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+print("worker done", flush=True)
