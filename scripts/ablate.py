@@ -76,9 +76,11 @@ def resolve_field(config, name: str) -> str:
             node = node[part]
         return name
     hits = [f"{s}.{name}" for s in SHORT_SECTIONS if name in config[s]]
-    if len(hits) != 1:
-        raise app.UsageError(f"--grid={name}: {'ambiguous: ' + str(hits) if hits else 'no such field in '}"
-                             f"{'' if hits else str(SHORT_SECTIONS)}; give the full path, e.g. loss.{name}")
+    if not hits:
+        raise app.UsageError(f"--grid={name}: no field {name!r} in the sections {SHORT_SECTIONS}; "
+                             f"give the full path, e.g. model.{name}")
+    if len(hits) > 1:
+        raise app.UsageError(f"--grid={name} is ambiguous ({hits}); give the full path")
     return hits[0]
 
 
