@@ -100,7 +100,7 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     workdir = tmp_path / "killed"
     rng = random.Random(0)
     complete = []
-    for attempt in range(3):
+    for attempt in range(2):
         proc = subprocess.Popen(_cmd(workdir, 1, *RESUME_ARGS), env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         delay, started = rng.uniform(0.0, 1.5), None
@@ -148,11 +148,13 @@ def _bad(**changes):
     (dict(loss__name="l2"), "config.loss.name", "vlb"),
     (dict(optim__decay="step"), "config.optim.decay", "cosine"),
     (dict(train__batch_size=0), "config.train.batch_size", ">= 1"),
-    (dict(train__steps_per_call=3), "config.train.num_steps", "multiple"),
+    (dict(train__steps_per_call=7), "config.train.num_steps", "multiple"),
     (dict(sample__sampler="euler"), "config.sample.sampler", "ddim"),
     (dict(data__source="tfds", data__name="no_such_dataset_xyz"), "config.data.name", "TFDS"),
     (dict(data__source="folder", data__path="/no/such/folder"), "config.data.path", "does not exist"),
     (dict(loss__importance_sampling=True), "config.loss.importance_sampling", "vlb"),
+    (dict(model__learned_variance=False), "config.model.learned_variance", "diffusion.variance"),
+    (dict(model__name="resnet"), "config.model.name", "unet"),
 ])
 def test_validation_names_field_and_allowed_values(changes, field, allowed):
     with pytest.raises(ValueError) as e:
@@ -191,3 +193,15 @@ def test_every_config_file_validates():
         assert module.__doc__ and "python scripts/train.py" in module.__doc__, name
         if c.data.source in ("digits", "toy"):  # others need their data on disk
             config_lib.validate(c)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    proc = subprocess.run(_cmd(tmp_path, 1, "optim.lr=1e30", "optim.grad_clip=0.0", "train.num_steps=20",
+                               "train.checkpoint_every=1"),
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    m = re.search(r"non-finite loss or gradient at steps (\d+)\.\.\d+.*last good checkpoint is step (\d+)",
+                  proc.stderr)
+    assert m, proc.stderr[-3000:]
+    bad, last = int(m.group(1)), int(m.group(2))
+    assert last == bad - 1 and _checkpoints(tmp_path)[0][-1] == last

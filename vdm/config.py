@@ -218,6 +218,10 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
 def validate_model(model: ml_collections.ConfigDict) -> None:
     if "name" not in model or model.name not in models.NETWORKS:
         _fail("model.name", model.get("name"), f"must be one of {tuple(models.NETWORKS)}")
+    if "learned_variance" in model:
+        _fail("model.learned_variance", model.learned_variance, "the output channel sets follow "
+              f"diffusion.variance (twice the channels for {diffusion_lib.VARIANCE_TYPES[2:]}); "
+              "remove it from the model section")
     if "time_range" in model:
         _fail("model.time_range", model.time_range, "is set from diffusion.time_input and the schedule; "
               "remove it from the model section")
