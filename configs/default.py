@@ -1,14 +1,6 @@
-"""The default run: DDPM on the embedded 8x8 digits (same as configs/digits.py).
+"""The default run (`python scripts/train.py`): DDPM on the embedded 8x8 digits.
 
-    python scripts/train.py --workdir=runs/default
-
-The small UNet preset ``digits_unet`` on the 1,500 training scans (297 held
-out), T = 1000 cosine schedule, eps prediction, simple loss (Ho et al. 2020),
-fixed_large variance, AdamW 2e-3 (warmup 200, cosine decay), batch 128,
-EMA 0.999, 4,000 steps; eval every 1,000 steps: held-out loss, Monte-Carlo
--ELBO in bits/dim, 64 ancestral samples in samples/step_<N>.png.
-Expected: see the README (about 10 minutes on a 2-core CPU); digits
-recognisable in the last grid.
+The same experiment as configs/digits.py, whose docstring gives the details.
 """
 from vdm import config as config_lib
 

@@ -61,7 +61,7 @@ def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
     assert parts == pytest.approx(terms["total"]["mean"], rel=1e-5)
     # Same examples, unbiased MC estimate of the same bound: agreement within a few standard errors.
     assert abs(res["exact_minus_mc"]["mean"]) < 5 * mc["terms"]["total"]["stderr"] + 1e-3
-    assert res["samples"]["classifier_fd"] > 0
+    assert res["samples"][0]["classifier_fd"] > 0
     assert "FID skipped" in r.stdout and "total" in r.stdout
 
 
