@@ -23,7 +23,6 @@ trained on the training split (cached in the workdir), and FID when
 
 Prints the tables and writes ``<workdir>/eval_<split>.json`` (or ``--out``).
 """
-import json
 import math
 import os
 import sys
@@ -63,36 +62,6 @@ _CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 1000, "Training ste
                                          "(first use only; cached in the workdir).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
 _OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<split>.json).")
-
-
-def load_config(workdir: str, config):
-    """The --config, or the config the training run saved as workdir/config.json."""
-    import ml_collections
-
-    if config is not None:
-        return config
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise app.UsageError(f"{path} not found: pass --config, or a workdir written by scripts/train.py")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_params(workdir: str, train_cfg, step: int, raw: bool):
-    """The (EMA) parameters of a checkpoint, as device arrays, and its step."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from vdm import train
-
-    manager = train.checkpoint_manager(workdir, train_cfg)
-    step = manager.latest_step() if step < 0 else step
-    if step is None or step not in manager.all_steps():
-        raise app.UsageError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
-                             f"available steps: {list(manager.all_steps())}")
-    state = manager.restore(step, args=ocp.args.StandardRestore())
-    manager.close()
-    return jax.device_put(state["params" if raw else "ema_params"]), step
 
 
 def elbo_methods(values, discrete: bool) -> list:
@@ -214,7 +183,7 @@ def main(argv):
     from vdm import data, evaluate, train
 
     workdir = _WORKDIR.value
-    config = load_config(workdir, _CONFIG.value)
+    config = _CONFIG.value or train.load_run_config(workdir)
     ev = config.eval
     batch_size = _BATCH.value or ev.batch_size
     num_samples = _NUM_SAMPLES.value or ev.elbo_samples
@@ -227,7 +196,7 @@ def main(argv):
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
         raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
                              + evaluate.INCEPTION_WEIGHTS_HELP)
-    params, step = restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    params, step = train.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     key = jax.random.PRNGKey(_SEED.value)
 
     decoder = train.decoder_for(config.loss, dataset.is_discrete_8bit)

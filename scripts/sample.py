@@ -16,7 +16,6 @@ file. Writes into --out (default workdir/samples/<sampler>_<steps>steps_seed<see
   2-D toy data:     scatter.png (samples over fresh data and the density contours)
 """
 import ast
-import json
 import math
 import os
 import sys
@@ -47,35 +46,6 @@ _FRAMES = flags.DEFINE_integer("frames", 100, "At most this many trajectory reco
 _OUT = flags.DEFINE_string("out", "", "Output directory.")
 
 
-def load_config(workdir: str, config):
-    """The --config, or the config the training run saved as workdir/config.json."""
-    import ml_collections
-
-    if config is not None:
-        return config
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise app.UsageError(f"{path} not found: pass --config, or a workdir written by scripts/train.py")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_params(workdir: str, train_cfg, step: int, raw: bool):
-    """The (EMA) parameters of a checkpoint, restored as saved (no template needed)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from vdm import train
-
-    manager = train.checkpoint_manager(workdir, train_cfg)
-    step = manager.latest_step() if step < 0 else step
-    if step is None or step not in manager.all_steps():
-        raise app.UsageError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
-                             f"available steps: {list(manager.all_steps())}")
-    state = manager.restore(step, args=ocp.args.StandardRestore())
-    return jax.device_put(state["params" if raw else "ema_params"]), step  # numpy leaves break traced indexing
-
-
 def parse_options(pairs):
     options = {}
     for pair in pairs:
@@ -98,14 +68,14 @@ def main(argv):
     from vdm import data, samplers, train, viz
 
     workdir = _WORKDIR.value
-    config = load_config(workdir, _CONFIG.value)
+    config = _CONFIG.value or train.load_run_config(workdir)
     options = parse_options(_OPTIONS.value)
     if _ETA.value is not None:
         options["eta"] = _ETA.value
     dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
                                  seed=config.seed)
     setup = train.build_setup(config, dataset)
-    params, step = restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    params, step = train.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     process, d = setup.process, config.diffusion
     images = len(dataset.data_shape) == 3
 

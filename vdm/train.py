@@ -462,6 +462,29 @@ def checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.Ch
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run saved as workdir/config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: pass --config, or a workdir written by scripts/train.py")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(workdir: str, train: ml_collections.ConfigDict, step: int = -1, raw: bool = False):
+    """(params, step): the EMA (or, with ``raw``, the raw) parameters of checkpoint ``step``
+    (-1: the latest), restored as saved (no template needed) and put on the device."""
+    manager = checkpoint_manager(workdir, train)
+    step = manager.latest_step() if step < 0 else step
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {manager.directory}; "
+                                f"available steps: {list(manager.all_steps())}")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+    manager.close()
+    # Orbax returns numpy leaves; device arrays allow traced indexing (per-step heads).
+    return jax.device_put(state["params" if raw else "ema_params"]), step
+
+
 def restore_or_init(manager: ocp.CheckpointManager, init_state: TrainState) -> TrainState:
     """The latest complete checkpoint if there is one, else ``init_state`` (host arrays)."""
     step = manager.latest_step()
