@@ -12,7 +12,7 @@ num_processes and process_id where the cluster does not provide them).
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpo
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs (Orbax) would drown the progress lines
     from vdm import train  # after flag parsing: start-up errors about flags come first
 
     train.setup_distributed(_CONFIG.value.train)

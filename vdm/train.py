@@ -439,8 +439,8 @@ def evaluate(p_eval, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
 
 def write_samples(path: str, samples: np.ndarray) -> str:
     """Write samples as a PNG: an image grid ([N, H, W, C]), a 1-D histogram or a 2-D scatter plot."""
-    if samples.ndim == 4:
-        return viz.save_image_grid(path, samples)
+    if samples.ndim == 4:  # small images (8x8 digits) are enlarged to be seen
+        return viz.save_image_grid(path, samples, scale=max(1, 32 // samples.shape[1]))
     if samples.shape[-1] == 1:
         return viz.plot_1d_samples(path, samples[:, 0])
     return viz.plot_2d_samples(path, samples)
@@ -593,7 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
                       in_axes=(0, 0, 0, None, None))
     k = train.steps_per_call
-    last_bpd = float("nan")
+    last_bpd = "-"  # the test -ELBO of the last evaluation, shown on the progress line
     tick, tick_step = time.time(), step
     while step < train.num_steps:
         batches = _stack_steps([train_ds.get_batch(step + j) for j in range(k)])
@@ -615,10 +615,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             scalars = {key: float(v.mean()) for key, v in metrics.items()}
             log.write(step, {**scalars, "steps_per_sec": rate})
             log.console(f"step {step}/{train.num_steps} | loss {scalars['loss']:.4f} | "
-                        f"eval bpd {last_bpd:.3f} | {rate:.1f} steps/s")
+                        f"eval bpd {last_bpd} | {rate:.1f} steps/s")
         if step % config.eval.every == 0 or done:
             scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
-            last_bpd = scores["eval_bpd"]
+            last_bpd = f"{scores['eval_bpd']:.3f}"
             log.write(step, scores)
             log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
             if chief and config.sample.num_samples > 0:
