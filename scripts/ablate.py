@@ -1,6 +1,6 @@
 """Run a grid of config overrides, each to a fixed step count, and tabulate the results.
 
-    python scripts/ablate.py --config=configs/digits.py --workdir=runs/ablate_param --steps=2000
+    python scripts/ablate.py --config=configs/digits.py --workdir=runs/ablate_param --steps=2000 --elbo=exact,mc
     python scripts/ablate.py --config=configs/digits.py --workdir=runs/ablate_pw \
         --grid=parameterization=eps,v --grid=loss.weighting=none,min_snr --parallel=2
     python scripts/ablate.py --config=configs/digits.py --workdir=runs/x --grid=diffusion.variance \
@@ -21,7 +21,8 @@ skipped, and a run killed midway resumes from its checkpoint. Runs go one
 after another, or ``--parallel N`` at a time as separate processes.
 
 Writes ``<workdir>/results.md``, ``results.csv`` (name, axis values, final
-loss, -ELBO, sample metric, steps/s) and ``results.png`` (``vdm.viz.plot_ablation``).
+loss, -ELBO of each ``--elbo`` estimate with its standard error, sample metric,
+steps/s) and ``results.png`` (``vdm.viz.plot_ablation``).
 """
 import ast
 import csv
@@ -48,6 +49,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each in its own
 _EVAL_FLAGS = flags.DEFINE_multi_string("eval_flag", [], "Extra flags for scripts/evaluate.py, e.g. "
                                         "--eval_flag=--sampling_steps=100.")
 _NUM_GENERATED = flags.DEFINE_integer("num_generated", 500, "Samples per run for the sample metric.")
+_ELBO = flags.DEFINE_list("elbo", ["mc"], "ELBO estimates of every run (scripts/evaluate.py --elbo): "
+                          "mc, exact (discrete time: the sum over all T terms) or both.")
 
 SHORT_SECTIONS = ("diffusion", "loss")
 RESULT_FILE = "eval_test.json"
@@ -162,7 +165,8 @@ def commands(config_file: str, overrides: dict, run_dir: str, config_flags_: lis
     py = sys.executable
     train = [py, os.path.join(ROOT, "scripts", "train.py"), f"--config={config_file}", f"--workdir={run_dir}"]
     train += config_flags_ + [f"--config.{p}={v}" for p, v in overrides.items()]
-    evaluate = [py, os.path.join(ROOT, "scripts", "evaluate.py"), f"--workdir={run_dir}", "--elbo=mc",
+    evaluate = [py, os.path.join(ROOT, "scripts", "evaluate.py"), f"--workdir={run_dir}",
+                f"--elbo={','.join(_ELBO.value)}",
                 "--sample_metrics", f"--num_generated={_NUM_GENERATED.value}"] + list(_EVAL_FLAGS.value)
     return [train, evaluate]
 
@@ -188,11 +192,11 @@ def collect(run_dir: str, point) -> dict:
         ev = json.load(f)
     row = {"name": run_name(point), **{field.split(".")[-1]: value for field, value in point}}
     row["final_loss"] = losses[-1]["loss"]
-    elbo = ev["elbo"]["mc"]
-    total = elbo["terms"]["total"]
-    unit = "bpd" if elbo["unit"] == "bits/dim" else "nats"
-    row[f"nelbo_{unit}"] = total["mean"]
-    row[f"nelbo_{unit}_se"] = total["stderr"]
+    for kind, elbo in ev["elbo"].items():  # "exact" and/or "mc"
+        total = elbo["terms"]["total"]
+        unit = "bpd" if elbo["unit"] == "bits/dim" else "nats"
+        row[f"nelbo_{unit}_{kind}"] = total["mean"]
+        row[f"nelbo_{unit}_{kind}_se"] = total["stderr"]
     samples = (ev.get("samples") or [{}])[0]
     for metric in ("classifier_fd", "fid", "mmd", "sliced_wasserstein"):
         if metric in samples:
@@ -218,8 +222,8 @@ def write_tables(workdir: str, rows: list) -> list:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    metrics = [c for c in columns if c in ("final_loss", "nelbo_bpd", "nelbo_nats", "classifier_fd", "fid",
-                                            "mmd", "sliced_wasserstein", "steps_per_s")]
+    metrics = [c for c in columns if c in ("final_loss", "classifier_fd", "fid", "mmd", "sliced_wasserstein",
+                                            "steps_per_s") or (c.startswith("nelbo_") and not c.endswith("_se"))]
     paths.append(viz.plot_ablation(os.path.join(workdir, "results.png"), rows, metrics,
                                    title=os.path.basename(os.path.normpath(workdir))))
     print("\n".join(md))
@@ -236,11 +240,16 @@ def main(argv):
     axes = parse_axes(base, _GRID.value)
     fixed = step_overrides(base, _STEPS.value)
     points = [tuple(zip([f for f, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+    if not _ELBO.value or set(_ELBO.value) - {"exact", "mc"}:
+        raise app.UsageError(f"--elbo={','.join(_ELBO.value)}: give mc, exact or both")
     for point in points:  # every config is checked before anything trains
         try:
-            run_config(base, {**fixed, **dict(point)})
+            config = run_config(base, {**fixed, **dict(point)})
         except ValueError as e:
             raise app.UsageError(f"run {run_name(point)}: {e}")
+        if "exact" in _ELBO.value and config.diffusion.time != "discrete":
+            raise app.UsageError(f"run {run_name(point)}: --elbo=exact needs discrete time "
+                                 f"(diffusion.time = {config.diffusion.time!r}); use --elbo=mc")
 
     forwarded = forwarded_config_flags(sys.argv)
     todo = [p for p in points if not os.path.exists(os.path.join(workdir, run_name(p), RESULT_FILE))]

@@ -3,7 +3,6 @@
     python scripts/sample.py --workdir=runs/digits
     python scripts/sample.py --workdir=runs/digits --sampler=ddim --num_steps=50 --eta=0.0
     python scripts/sample.py --workdir=runs/mixture1d --num_samples=2000
-    python scripts/sample.py --workdir=runs/cifar10_cond --guidance_scale=2.0 --label=3
 
 The config is the one the run saved (workdir/config.json) unless --config names a
 file. Writes into --out (default workdir/samples/<sampler>_<steps>steps_seed<seed>/):
@@ -38,8 +37,6 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta (sampler=ddim).")
 _OPTIONS = flags.DEFINE_multi_string("option", [], "Other sampler options as key=value, e.g. method=heun, "
                                      "corrector_steps=2, snr=0.16, steps_per_level=50.")
 _CLIP = flags.DEFINE_bool("clip_x0", None, "Clip predicted x0 to [-1, 1] (default: on for images).")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance w (class-conditional models).")
-_LABEL = flags.DEFINE_integer("label", -1, "Class label for conditional models (-1: cycle through the classes).")
 _NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FRAMES = flags.DEFINE_integer("frames", 100, "At most this many trajectory records (GIF frames, paths).")
@@ -86,23 +83,7 @@ def main(argv):
     every = max(1, math.ceil(steps / _FRAMES.value))
     clip = images if _CLIP.value is None else _CLIP.value
 
-    num_classes = config.model.get("num_classes", 0)
-    labels, extra = None, {}
-    if num_classes:
-        labels = (np.full(_NUM.value, _LABEL.value) if _LABEL.value >= 0
-                  else np.arange(_NUM.value) % num_classes).astype(np.int32)
-
-        def model_fn(x_t, t, cond):
-            s = process.log_snr(params, t) if d.time_input == "log_snr" else t
-            return setup.network.apply({"params": params["net"]}, x_t, s, cond)
-
-        extra = dict(labels=labels, null_label=num_classes)
-        if _GUIDANCE.value is not None:
-            extra["guidance_scale"] = _GUIDANCE.value
-    else:
-        if _GUIDANCE.value is not None:
-            raise app.UsageError("--guidance_scale needs a class-conditional model (config.model.num_classes > 0)")
-        model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+    model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
 
     samples, traj = samplers.sample(
         model_fn, jax.random.PRNGKey(_SEED.value), (_NUM.value,) + tuple(dataset.data_shape),
@@ -110,14 +91,14 @@ def main(argv):
         log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
         num_steps=num_steps, spacing=_SPACING.value, parameterization=d.parameterization,
         variance_type=d.variance, clip_x0=(-1.0, 1.0) if clip else None, trajectory_every=every,
-        **extra, **options)
+        **options)
     samples, traj = np.asarray(samples), jax.tree.map(np.asarray, traj)
 
     out = _OUT.value or os.path.join(workdir, "samples", f"{_SAMPLER.value}_{steps}steps_seed{_SEED.value}")
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, "samples.npz")]
     np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,
-             **({} if labels is None else {"labels": labels}), checkpoint_step=step)
+             checkpoint_step=step)
     if images:
         scale = max(1, 32 // dataset.data_shape[0])  # enlarge tiny images (8x8 digits) to >= 32 px
         written.append(viz.save_image_grid(os.path.join(out, "grid.png"), samples, scale=scale))

@@ -175,6 +175,24 @@ def test_vdm_net_input_skip_and_log_snr_conditioning():
     assert np.array_equal(apply(zero_out, x, log_snr), x)
 
 
+@pytest.mark.parametrize("stride,size,channels", [(1, 7, (3, 5)), (2, 8, (4, 6)), (2, 7, (2, 3))])
+def test_conv_nhwc_gradients_equal_xla(stride, size, channels):
+    """The CPU convolution's hand-written gradients (flipped-kernel conv, im2col matmul) = XLA's own."""
+    ci, co = channels
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, size, size + 1, ci))
+    w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, ci, co))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (3, 3), (stride, stride), "SAME")
+    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, w: layers.conv_nhwc(x, w, (stride, stride), tuple(tuple(p) for p in pads))
+    cotangent = jax.random.normal(jax.random.PRNGKey(5), xla(x, w).shape)
+    y_ref, vjp_ref = jax.vjp(xla, x, w)
+    y, vjp = jax.vjp(ours, x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(cotangent), vjp_ref(cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_bfloat16_compute_float32_params(unet):
     """bfloat16 compute keeps float32 parameters and output, close to the float32 network."""
     _, params, apply, x, t = unet

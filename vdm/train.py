@@ -391,7 +391,7 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     ema_rate = jnp.where(optimizer_stepped(optim, opt_state), 1.0 - ema_decay(optim, state.step), 0.0)
     ema_params = optax.incremental_update(params, state.ema_params, ema_rate)
     loss_state = objective.update_loss_state(state.loss_state, jax.lax.all_gather(aux, AXIS, tiled=True))
-    metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=opt_state, loss_state=loss_state)
     return new_state, metrics

@@ -116,7 +116,8 @@ def conv_nhwc(x, w, strides, padding):
     convolutions fall off its fast path entirely (about 10x slower for the whole train
     step; see docs/performance.md). Here the input gradient is a forward convolution
     of the (stride-dilated) output gradient with the flipped kernel, and the kernel
-    gradient is one matmul per kernel tap over all output positions. The values are
+    gradient is one matmul of the output gradient with the im2col matrix of the input
+    (its KH*KW shifted windows side by side) over all output positions. The values are
     those of ``lax.conv_general_dilated``'s gradients up to float rounding.
     """
     return _conv(x, w, strides, padding)
@@ -134,15 +135,14 @@ def _conv_nhwc_bwd(strides, padding, res, dy):
         lo = k - 1 - padding[d][0]
         pads_t.append((lo, x.shape[1 + d] + k - 2 - lo - (dy.shape[1 + d] - 1) * strides[d]))
     dx = _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
+    # im2col: the KH*KW shifted (strided) windows of the padded input side by side,
+    # [N*Ho*Wo, KH*KW*Ci], so the kernel gradient is one matmul with dy [N*Ho*Wo, Co].
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    dy2 = dy.reshape(-1, Co)
-
-    def tap(i, j):
-        end = (N, i + (Ho - 1) * strides[0] + 1, j + (Wo - 1) * strides[1] + 1, Ci)
-        xs = jax.lax.slice(xp, (0, i, j, 0), end, (1, strides[0], strides[1], 1)).reshape(-1, Ci)
-        return jnp.einsum("pi,po->io", xs, dy2, preferred_element_type=jnp.float32)
-
-    dw = jnp.stack([tap(i, j) for i in range(KH) for j in range(KW)]).reshape(w.shape)
+    windows = [jax.lax.slice(xp, (0, i, j, 0), (N, i + (Ho - 1) * strides[0] + 1, j + (Wo - 1) * strides[1] + 1, Ci),
+                             (1, strides[0], strides[1], 1)) for i in range(KH) for j in range(KW)]
+    cols = jnp.concatenate(windows, axis=-1).reshape(-1, KH * KW * Ci)
+    dw = jnp.einsum("po,pk->ok", dy.reshape(-1, Co), cols, preferred_element_type=jnp.float32)
+    dw = dw.reshape(Co, KH, KW, Ci).transpose(1, 2, 3, 0)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
