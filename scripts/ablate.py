@@ -209,7 +209,7 @@ def fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def write_tables(workdir: str, rows: list) -> list:
+def write_tables(workdir: str, rows: list, axis_names: list) -> list:
     from vdm import viz
 
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -224,7 +224,8 @@ def write_tables(workdir: str, rows: list) -> list:
         writer.writerows(rows)
     metrics = [c for c in columns if c in ("final_loss", "classifier_fd", "fid", "mmd", "sliced_wasserstein",
                                             "steps_per_s") or (c.startswith("nelbo_") and not c.endswith("_se"))]
-    paths.append(viz.plot_ablation(os.path.join(workdir, "results.png"), rows, metrics,
+    labelled = [{**r, "run": " / ".join(str(r[a]) for a in axis_names)} for r in rows]
+    paths.append(viz.plot_ablation(os.path.join(workdir, "results.png"), labelled, metrics, label="run",
                                    title=os.path.basename(os.path.normpath(workdir))))
     print("\n".join(md))
     return paths
@@ -266,7 +267,7 @@ def main(argv):
         running = wait_some(running)
 
     rows = [collect(os.path.join(workdir, run_name(p)), p) for p in points]
-    for path in write_tables(workdir, rows):
+    for path in write_tables(workdir, rows, [field.split(".")[-1] for field, _ in axes]):
         print(f"wrote {path}")
 
 

@@ -3,6 +3,9 @@
 One process, one run. Every figure is timed over ``--repeats`` calls of an
 ahead-of-time compiled function after one warm-up call, and reported as
 min/median/max; compile time is measured separately (``lower`` + ``compile``).
+Figures that are compared as ratios are timed in interleaved rounds (one call
+of each in turn, ``--repeats`` times): the limits with the training runs, each
+size's forward with its samplers, the ELBO with the forward at its batch.
 
 FLOPs are counted from the jaxpr of the timed function: every ``dot_general``
 and ``conv_general_dilated`` it executes (attention is einsums, i.e.
@@ -29,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -161,36 +164,67 @@ def summary(values: Sequence[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def measure(fn: Callable, *args, repeats: int, carry: bool = False, jit_kwargs: dict | None = None) -> dict:
-    """Compile ``fn`` ahead of time, run it once to warm up, then time ``repeats`` calls.
+class Timer:
+    """``fn`` compiled ahead of time (the compile time kept) and run once to warm up;
+    ``time_call()`` times one more call, ``result()`` summarises them.
 
     With ``carry`` the function returns ``(new_first_arg, extra)`` and the first
     argument is threaded through the calls (a train state, possibly donated).
-    Returns compile seconds, per-call seconds (min/median/max), matmul/conv FLOPs
-    per call, XLA's FLOP estimate and peak bytes.
+    A function faster than ``REWARM_BELOW_S`` gets one untimed call before each timed
+    one, so that in interleaved rounds it is not timed with the caches another,
+    longer function left behind.
     """
-    flops = count_flops(fn, *args)
-    print(f"  timing {getattr(fn, '__name__', 'function')} ...", file=sys.stderr, flush=True)
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn, **(jit_kwargs or {}))
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    args = list(args)
 
-    def call():
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        if carry:
-            args[0] = out[0]
+    REWARM_BELOW_S = 1.0
 
-    call()
-    times = []
-    for _ in range(repeats):
+    def __init__(self, fn: Callable, *args, carry: bool = False, jit_kwargs: dict | None = None):
+        self.flops = count_flops(fn, *args)
+        print(f"  compiling {getattr(fn, '__name__', 'function')} ...", file=sys.stderr, flush=True)
+        jitted = fn if hasattr(fn, "lower") else jax.jit(fn, **(jit_kwargs or {}))
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "seconds": summary(times), "flops": flops,
-            **compiled_stats(compiled), "device_peak_bytes": device_peak_bytes()}
+        self.compiled = jitted.lower(*args).compile()
+        self.compile_s = time.perf_counter() - start
+        self.args, self.carry, self.times = list(args), carry, []
+        start = time.perf_counter()
+        self._call()
+        self.rewarm = time.perf_counter() - start < self.REWARM_BELOW_S
+
+    def _call(self):
+        out = self.compiled(*self.args)
+        jax.block_until_ready(out)
+        if self.carry:
+            self.args[0] = out[0]
+
+    def time_call(self):
+        if self.rewarm:
+            self._call()
+        start = time.perf_counter()
+        self._call()
+        self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict:
+        """Compile seconds, per-call seconds (min/median/max), matmul/conv FLOPs per call,
+        XLA's FLOP estimate and peak bytes."""
+        return {"compile_s": self.compile_s, "seconds": summary(self.times), "flops": self.flops,
+                **compiled_stats(self.compiled), "device_peak_bytes": device_peak_bytes()}
+
+
+class Pending(NamedTuple):
+    """A benchmark's timers and the function that turns their timings into its result."""
+
+    timers: list
+    finish: Callable[[], dict]
+
+
+def run_interleaved(pending: dict, repeats: int) -> dict:
+    """Time ``repeats`` rounds, each one call of every timer of every benchmark in turn, so
+    that figures compared as ratios share the machine's load; then finish each benchmark."""
+    timers = [t for p in pending.values() for t in p.timers]
+    print(f"  timing {len(timers)} functions x {repeats} rounds ...", file=sys.stderr, flush=True)
+    for _ in range(repeats):
+        for t in timers:
+            t.time_call()
+    return {name: p.finish() for name, p in pending.items()}
 
 
 def rate(result: dict, amount: float) -> dict:
@@ -209,15 +243,22 @@ def conv3x3(x, w):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def bench_matmul(n: int, dtype: str, repeats: int) -> dict:
+def with_gflops(timer: Timer, **extra) -> Callable[[], dict]:
+    def finish():
+        r = timer.result()
+        return {**r, "gflops": rate(r, r["flops"] / 1e9), **extra}
+    return finish
+
+
+def bench_matmul(n: int, dtype: str) -> Pending:
     """[n, n] @ [n, n] in ``dtype`` (float32 accumulation where the backend does it)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    r = measure(jnp.matmul, a, b, repeats=repeats)
-    return {**r, "gflops": rate(r, r["flops"] / 1e9), "shape": [n, n, n]}
+    timer = Timer(jnp.matmul, a, b)
+    return Pending([timer], with_gflops(timer, shape=[n, n, n]))
 
 
-def bench_conv(batch: int, size: int, channels: int, dtype: str, repeats: int) -> dict:
+def bench_conv(batch: int, size: int, channels: int, dtype: str) -> Pending:
     """3x3 conv forward + backward (input and kernel gradients) through XLA's own gradients and
     through the UNet's ``vdm.models.layers.conv_nhwc``, and each of XLA's three passes alone."""
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -238,11 +279,9 @@ def bench_conv(batch: int, size: int, channels: int, dtype: str, repeats: int) -
               "forward": lambda x, w, dy: conv3x3(x, w),
               "backward_input": lambda x, w, dy: jax.linear_transpose(lambda x: conv3x3(x, w), x)(dy),
               "backward_kernel": lambda x, w, dy: jax.linear_transpose(lambda w: conv3x3(x, w), w)(dy)}
-    out = {"shape": [batch, size, size, channels]}
-    for name, fn in passes.items():
-        r = measure(fn, x, w, dy, repeats=repeats)
-        out[name] = {**r, "gflops": rate(r, r["flops"] / 1e9)}
-    return out
+    timers = {name: Timer(fn, x, w, dy) for name, fn in passes.items()}
+    return Pending(list(timers.values()), lambda: {"shape": [batch, size, size, channels],
+                                                   **{n: with_gflops(t)() for n, t in timers.items()}})
 
 
 # ---------------------------------------------------------------------------
@@ -320,28 +359,33 @@ class UNetBench:
                     variance_type=d.variance)
 
 
-def bench_train(ub: UNetBench, repeats: int) -> dict:
+def bench_train(ub: UNetBench) -> Pending:
     """Images/s and matmul/conv GFLOP/s of the real pmapped train step (``steps_per_call`` steps per call)."""
     p_train, state, batches = ub.train_args()
-    r = measure(p_train, state, batches, repeats=repeats, carry=True)
+    timer = Timer(p_train, state, batches, carry=True)
     images = ub.batch * ub.k
-    return {**r, "images_per_s": rate(r, images), "gflops": rate(r, r["flops"] / 1e9),
-            "gflop_per_image": r["flops"] / images / 1e9, "batch": ub.batch, "steps_per_call": ub.k,
-            "num_params": ub.num_params}
+
+    def finish():
+        r = timer.result()
+        return {**r, "images_per_s": rate(r, images), "gflops": rate(r, r["flops"] / 1e9),
+                "gflop_per_image": r["flops"] / images / 1e9, "batch": ub.batch, "steps_per_call": ub.k,
+                "num_params": ub.num_params}
+    return Pending([timer], finish)
 
 
-def bench_forward(ub: UNetBench, batch: int, repeats: int) -> dict:
+def bench_forward(ub: UNetBench, batch: int) -> Pending:
     """One jitted network forward at ``batch``."""
     x = jax.random.normal(jax.random.PRNGKey(3), (batch,) + ub.image_shape)
     t = jnp.full((batch,), ub.process.T // 2, jnp.int32)
-    r = measure(lambda params, x, t: ub.model_fn(params)(x, t), ub.params, x, t, repeats=repeats)
-    return {**r, "gflops": rate(r, r["flops"] / 1e9), "batch": batch}
+    timer = Timer(lambda params, x, t: ub.model_fn(params)(x, t), ub.params, x, t)
+    return Pending([timer], with_gflops(timer, batch=batch))
 
 
-def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_steps: int,
-                  repeats: int) -> dict:
-    """A ``steps``-step run of ``samplers.sample`` (one lax.scan): seconds per step; and the
-    compile time of the same sampler with ``compile_steps`` steps (compiled, not run)."""
+def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_steps: int) -> Pending:
+    """Runs of ``samplers.sample`` (one lax.scan) with ``steps`` and ``2 * steps`` steps: the
+    seconds per step are the difference of the two over ``steps``, round by round (the cost
+    of a step inside the loop, without the fixed cost of a call); and the compile time of
+    the same sampler with ``compile_steps`` steps (compiled, not run)."""
     from vdm import samplers
 
     def run(num_steps):
@@ -350,16 +394,20 @@ def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_s
                                                    **ub.diffusion_kwargs())
 
     key = jax.random.PRNGKey(4)
-    r = measure(run(steps), ub.params, key, repeats=repeats)
+    short, long = Timer(run(steps), ub.params, key), Timer(run(2 * steps), ub.params, key)
     start = time.perf_counter()
     jax.jit(run(compile_steps)).lower(ub.params, key).compile()
     long_compile = time.perf_counter() - start
-    per_step = {k: v / steps for k, v in r["seconds"].items()}
-    return {**r, "steps": steps, "step_seconds": per_step, "compile_steps": compile_steps,
-            "compile_s_long": long_compile, "batch": batch}
+
+    def finish():
+        r = short.result()
+        per_step = summary([(b - a) / steps for a, b in zip(short.times, long.times)])
+        return {**r, "steps": steps, "step_seconds": per_step, "compile_steps": compile_steps,
+                "compile_s_long": long_compile, "batch": batch}
+    return Pending([short, long], finish)
 
 
-def bench_elbo(ub: UNetBench, batch: int, chunk: int, repeats: int) -> dict:
+def bench_elbo(ub: UNetBench, batch: int, chunk: int) -> Pending:
     """``losses.discrete_elbo`` (all T terms, ``chunk`` timesteps per network call): images/s."""
     from vdm import losses
 
@@ -372,9 +420,13 @@ def bench_elbo(ub: UNetBench, batch: int, chunk: int, repeats: int) -> dict:
                                     parameterization=d.parameterization, variance_type=d.variance,
                                     chunk=chunk)["total"]
 
-    r = measure(elbo, ub.params, jax.random.PRNGKey(6), x0, repeats=repeats)
-    return {**r, "images_per_s": rate(r, batch), "gflops": rate(r, r["flops"] / 1e9), "batch": batch,
-            "chunk": chunk, "T": ub.process.T}
+    timer = Timer(elbo, ub.params, jax.random.PRNGKey(6), x0)
+
+    def finish():
+        r = timer.result()
+        return {**r, "images_per_s": rate(r, batch), "gflops": rate(r, r["flops"] / 1e9), "batch": batch,
+                "chunk": chunk, "T": ub.process.T}
+    return Pending([timer], finish)
 
 
 # ---------------------------------------------------------------------------
@@ -440,8 +492,9 @@ def unet_rows(size: str, u: dict, conv_limits: dict | None, peak: float | None) 
         f = u["forward"]
         rows.append(row(f"forward {size} batch {f['batch']}", fmt(f["seconds"], 3), "s", f))
     for name, smp in u.get("samplers", {}).items():
-        rows.append(row(f"{name} {size} batch {smp['batch']}, per step ({smp['steps']} steps)",
-                        fmt(smp["step_seconds"], 3), "s", smp))
+        steps = f"{smp['steps']} vs {2 * smp['steps']} steps"
+        rows.append(row(f"{name} {size} batch {smp['batch']}, per step ({steps})", fmt(smp["step_seconds"], 3),
+                        "s", smp))
         if "forward" in u:
             smp["step_over_forward"] = ratio(smp["step_seconds"], u["forward"]["seconds"])
             rows.append(row(f"{name} {size} step / forward", fmt(smp["step_over_forward"], 3), "ratio"))
@@ -468,7 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="global training batch for every size (default: small 32, base 16)")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per host call (lax.scan)")
     p.add_argument("--samplers", default="ancestral,ddim", help="samplers to time (vdm.samplers.SAMPLERS)")
-    p.add_argument("--sample-steps", type=int, default=10, help="steps of the timed sampler runs")
+    p.add_argument("--sample-steps", type=int, default=10,
+                   help="steps of the shorter timed sampler run (the longer one has twice as many)")
     p.add_argument("--compile-steps", type=int, default=1000, help="steps of the compile-only sampler")
     p.add_argument("--elbo-sizes", default="small", help="UNet sizes for the exact ELBO")
     p.add_argument("--elbo-batch", type=int, default=1, help="images per exact-ELBO call")
@@ -506,36 +560,52 @@ def main(argv=None) -> dict:
     print(f"device: {info['backend']} {info['device_kind']} x{info['device_count']} | host {info['host_cpu']} "
           f"({info['host_cores']} cores) | jax {info['jax']} | dtype {args.dtype} | "
           f"{args.repeats} timed calls per figure after one warm-up: median [min, max]", flush=True)
-    rows: list[dict] = []
-    conv_limits = None
+    # Round 1: the limits and every training run, interleaved (the train shares are ratios
+    # to the limits); then per size the forward and the samplers; then the ELBO and the
+    # forward at its batch. UNetBench objects are built once per size.
+    sizes = list(dict.fromkeys(args.sizes + (args.elbo_sizes if "elbo" in args.only else [])))
+    benches = {}
+    for size in sizes:
+        ch, ch_mult, default_batch = UNET_SIZES[size]
+        benches[size] = UNetBench(ch, ch_mult, args.train_batch or default_batch, args.dtype, args.steps_per_call)
+        results["unet"][size] = {"num_params": benches[size].num_params}
+    first: dict[str, Pending] = {}
     if "limits" in args.only:
         n = args.matmul_size or (2048 if info["backend"] == "cpu" else 8192)
-        results["limits"] = lim = {"matmul": bench_matmul(n, args.dtype, args.repeats),
-                                   "conv": bench_conv(32, 32, 128, args.dtype, args.repeats)}
+        first["matmul"] = bench_matmul(n, args.dtype)
+        first["conv"] = bench_conv(32, 32, 128, args.dtype)
+    if "train" in args.only:
+        first.update({f"train {size}": bench_train(benches[size]) for size in args.sizes})
+    done = run_interleaved(first, args.repeats)
+    conv_limits = None
+    if "limits" in args.only:
+        results["limits"] = lim = {"matmul": done["matmul"], "conv": done["conv"]}
         # Shares are taken of the medians of the same run.
         conv_limits = {"xla_conv_fwd_bwd": lim["conv"]["forward+backward"]["gflops"]["median"],
                        "unet_conv_fwd_bwd": lim["conv"]["forward+backward unet"]["gflops"]["median"],
                        "conv_forward": lim["conv"]["forward"]["gflops"]["median"],
                        "matmul": lim["matmul"]["gflops"]["median"]}
-        rows += limits_rows(results["limits"])
-    sizes = list(dict.fromkeys(args.sizes + (args.elbo_sizes if "elbo" in args.only else [])))
+    for size in args.sizes if "train" in args.only else []:
+        results["unet"][size]["train"] = done[f"train {size}"]
     for size in sizes:
-        batch = args.train_batch or UNET_SIZES[size][2]
-        ch, ch_mult, _ = UNET_SIZES[size]
-        ub = UNetBench(ch, ch_mult, batch, args.dtype, args.steps_per_call)
-        u = results["unet"][size] = {"num_params": ub.num_params}
-        if size in args.sizes and "train" in args.only:
-            u["train"] = bench_train(ub, args.repeats)
+        ub, u = benches[size], results["unet"][size]
         if size in args.sizes and "sample" in args.only:
-            u["forward"] = bench_forward(ub, batch, args.repeats)
-            u["samplers"] = {s: bench_sampler(ub, s, batch, args.sample_steps, args.compile_steps, args.repeats)
-                             for s in args.samplers}
+            group = {"forward": bench_forward(ub, ub.batch)}
+            group.update({s: bench_sampler(ub, s, ub.batch, args.sample_steps, args.compile_steps)
+                          for s in args.samplers})
+            done = run_interleaved(group, args.repeats)
+            u["forward"] = done.pop("forward")
+            u["samplers"] = done
         if size in args.elbo_sizes and "elbo" in args.only:
-            u["elbo"] = bench_elbo(ub, args.elbo_batch, args.elbo_chunk, args.repeats)
             call_batch = args.elbo_batch * args.elbo_chunk
-            same = u.get("forward", {}).get("batch") == call_batch
-            u["elbo"]["forward"] = u["forward"] if same else bench_forward(ub, call_batch, args.repeats)
-        rows += unet_rows(size, u, conv_limits, peak)
+            done = run_interleaved({"elbo": bench_elbo(ub, args.elbo_batch, args.elbo_chunk),
+                                    "forward": bench_forward(ub, call_batch)}, args.repeats)
+            u["elbo"] = {**done["elbo"], "forward": done["forward"]}
+    rows: list[dict] = []
+    if "limits" in results:
+        rows += limits_rows(results["limits"])
+    for size in sizes:
+        rows += unet_rows(size, results["unet"][size], conv_limits, peak)
     print(table(rows))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

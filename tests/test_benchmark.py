@@ -46,8 +46,10 @@ def test_flops_agree_with_xla_on_a_conv_gradient(bench):
     assert bench.count_flops(f, w) <= xla < 1.1 * bench.count_flops(f, w)
 
 
-def test_measure_and_conv_limits_report_ordered_statistics(bench):
-    r = bench.bench_conv(2, 8, 8, "float32", repeats=3)
+def test_interleaved_timing_and_conv_limits_report_ordered_statistics(bench):
+    pending = {"conv": bench.bench_conv(2, 8, 8, "float32"), "matmul": bench.bench_matmul(16, "float32")}
+    r = bench.run_interleaved(pending, repeats=3)["conv"]
+    assert all(len(t.times) == 3 for p in pending.values() for t in p.timers)  # one call each per round
     for name in ("forward+backward", "forward+backward unet", "forward", "backward_input", "backward_kernel"):
         g = r[name]["gflops"]
         assert 0 < g["min"] <= g["median"] <= g["max"]
@@ -58,15 +60,15 @@ def test_measure_and_conv_limits_report_ordered_statistics(bench):
 
 def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
     ub = bench.UNetBench(32, (1,), batch=2, image_shape=(8, 8, 3), attn_resolutions=(), T=50)
-    train = bench.bench_train(ub, repeats=1)
-    fwd = bench.bench_forward(ub, 2, repeats=1)
+    done = bench.run_interleaved({"train": bench.bench_train(ub), "forward": bench.bench_forward(ub, 2),
+                                  "ddim": bench.bench_sampler(ub, "ddim", 2, steps=2, compile_steps=5),
+                                  "elbo": bench.bench_elbo(ub, batch=1, chunk=25)}, repeats=1)
+    train, fwd, smp, elbo = (done[k] for k in ("train", "forward", "ddim", "elbo"))
     # Training executes forward + input gradient + kernel gradient (the first conv's input
     # gradient is not needed), so between 2x and 3x the forward's FLOPs per image.
     per_image_fwd = fwd["flops"] / 2
     assert 2 * per_image_fwd < train["gflop_per_image"] * 1e9 <= 3 * per_image_fwd
-    smp = bench.bench_sampler(ub, "ddim", 2, steps=2, compile_steps=5, repeats=1)
     assert smp["flops"] == 2 * fwd["flops"]  # one network call per step
-    elbo = bench.bench_elbo(ub, batch=1, chunk=25, repeats=1)
     assert elbo["flops"] == 50 * fwd["flops"] / 2  # T = 50 network evaluations of one image
     rows = bench.unet_rows("toy", {"train": train, "forward": fwd, "samplers": {"ddim": smp},
                                    "elbo": {**elbo, "forward": fwd}}, conv_limits={"matmul": 1.0}, peak=None)

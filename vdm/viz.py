@@ -333,9 +333,11 @@ def plot_ablation(path: PathLike, rows: Iterable[Mapping], metrics: Sequence[str
                   title: str | None = None) -> str:
     """Chart an ablation table given as rows (dicts), one panel per metric.
 
-    Without ``x``: a bar per row, labelled by ``rows[i][label]``. With ``x``
-    (e.g. the number of sampling steps): one line per distinct ``label``
-    value, the metric against ``x`` (on a log axis with ``log_x``). Rows missing a metric (or with a
+    Without ``x``: a horizontal bar per row, labelled by ``rows[i][label]`` on the
+    shared y axis, in the rows' order; a panel whose values are all positive and
+    span more than a factor of 10 gets a log axis. With ``x`` (e.g. the number of
+    sampling steps): one line per distinct ``label`` value, the metric against
+    ``x`` (on a log axis with ``log_x``). Rows missing a metric (or with a
     non-finite value) are left out of that panel.
     """
     rows = list(rows)
@@ -344,16 +346,23 @@ def plot_ablation(path: PathLike, rows: Iterable[Mapping], metrics: Sequence[str
     for key in [label] + ([x] if x else []):
         if any(key not in r for r in rows):
             raise ValueError(f"every row needs the field {key!r}; fields of the first row: {sorted(rows[0])}")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+    if x is None:
+        names = [str(r[label]) for r in rows]
+        size = (2.0 + 0.07 * max(map(len, names)) + 3.2 * len(metrics), 1.2 + 0.3 * len(rows))
+        fig, axes = plt.subplots(1, len(metrics), figsize=size, sharey=True, squeeze=False)
+    else:
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
     for ax, m in zip(axes[0], metrics):
-        ok = [r for r in rows if isinstance(r.get(m), (int, float)) and np.isfinite(r[m])]
+        ok = [(i, r) for i, r in enumerate(rows) if isinstance(r.get(m), (int, float)) and np.isfinite(r[m])]
         if x is None:
-            names = [str(r[label]) for r in ok]
-            ax.bar(range(len(ok)), [r[m] for r in ok], color=[f"C{i % 10}" for i in range(len(ok))])
-            ax.set_xticks(range(len(ok)), names, rotation=30, ha="right")
+            values = [r[m] for _, r in ok]
+            ax.barh([i for i, _ in ok], values, color=[f"C{i % 10}" for i, _ in ok])
+            ax.set_yticks(range(len(rows)), names, fontsize=8)
+            if values and min(values) > 0 and max(values) > 10 * min(values):
+                ax.set_xscale("log")
         else:
             groups: dict[str, list] = {}
-            for r in ok:
+            for _, r in ok:
                 groups.setdefault(str(r[label]), []).append((r[x], r[m]))
             for g, pts in groups.items():
                 pts.sort()
@@ -363,6 +372,8 @@ def plot_ablation(path: PathLike, rows: Iterable[Mapping], metrics: Sequence[str
                 ax.set_xscale("log")
             ax.legend(fontsize=8)
         ax.set_title(m, fontsize=10)
+    if x is None:
+        axes[0][0].invert_yaxis()  # first row on top
     if title:
         fig.suptitle(title)
     fig.tight_layout()
