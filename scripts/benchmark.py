@@ -177,10 +177,10 @@ class Timer:
 
     REWARM_BELOW_S = 1.0
 
-    def __init__(self, fn: Callable, *args, carry: bool = False, jit_kwargs: dict | None = None):
+    def __init__(self, fn: Callable, *args, carry: bool = False):
         self.flops = count_flops(fn, *args)
         print(f"  compiling {getattr(fn, '__name__', 'function')} ...", file=sys.stderr, flush=True)
-        jitted = fn if hasattr(fn, "lower") else jax.jit(fn, **(jit_kwargs or {}))
+        jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
         start = time.perf_counter()
         self.compiled = jitted.lower(*args).compile()
         self.compile_s = time.perf_counter() - start
