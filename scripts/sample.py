@@ -100,7 +100,7 @@ def main(argv):
     np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,
              checkpoint_step=step)
     if images:
-        scale = max(1, 32 // dataset.data_shape[0])  # enlarge tiny images (8x8 digits) to >= 32 px
+        scale = viz.display_scale(dataset.data_shape[0])
         written.append(viz.save_image_grid(os.path.join(out, "grid.png"), samples, scale=scale))
         n = min(len(samples), 64)
         written.append(viz.save_denoising_gif(os.path.join(out, "denoise.gif"), traj.x[:, :n], traj.x0[:, :n],

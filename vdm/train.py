@@ -439,8 +439,8 @@ def evaluate(p_eval, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
 
 def write_samples(path: str, samples: np.ndarray) -> str:
     """Write samples as a PNG: an image grid ([N, H, W, C]), a 1-D histogram or a 2-D scatter plot."""
-    if samples.ndim == 4:  # small images (8x8 digits) are enlarged to be seen
-        return viz.save_image_grid(path, samples, scale=max(1, 32 // samples.shape[1]))
+    if samples.ndim == 4:
+        return viz.save_image_grid(path, samples, scale=viz.display_scale(samples.shape[1]))
     if samples.shape[-1] == 1:
         return viz.plot_1d_samples(path, samples[:, 0])
     return viz.plot_2d_samples(path, samples)

@@ -81,6 +81,12 @@ def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def display_scale(height: int, min_pixels: int = 32) -> int:
+    """The nearest-neighbour enlargement that shows images of ``height`` rows at >= min_pixels
+    (8x8 digits x4; 32x32 images and larger x1)."""
+    return max(1, min_pixels // height)
+
+
 def save_image_grid(path: PathLike, images, nrow: int | None = None, pad: int = 2, scale: int = 1) -> str:
     """Write images [N, H, W, C] in [-1, 1] as one PNG grid (see ``image_grid``)."""
     _makedirs_for(path)
