@@ -4,7 +4,7 @@
     python scripts/ablate.py --config=configs/digits.py --workdir=runs/ablate_pw \
         --grid=parameterization=eps,v --grid=loss.weighting=none,min_snr --parallel=2
     python scripts/ablate.py --config=configs/digits.py --workdir=runs/x --grid=diffusion.variance \
-        --config.train.batch_size=64 --eval_flag=--sampling_steps=100 --eval_flag=--sampler=ddim
+        --config.loss.name=hybrid --config.train.batch_size=64 --eval_flag=--sampling_steps=100 --eval_flag=--sampler=ddim
 
 Each ``--grid`` is one axis, ``FIELD`` or ``FIELD=v1,v2,...``: a config field
 path (``loss.weighting``; a bare name is looked up in the diffusion and loss

@@ -135,7 +135,11 @@ def sample_metrics(setup, config, params, key, dataset, batch_size, images, cent
         real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
         row.update(image_sample_metrics(_WORKDIR.value, config, dataset, real, samples, _SEED.value))
         return row
-    fresh = toy_data.get(config.data.name).sample(np.random.default_rng([_SEED.value, 7]), n)
+    if config.data.source == "toy":
+        fresh = toy_data.get(config.data.name).sample(np.random.default_rng([_SEED.value, 7]), n)
+    else:  # vector data from a file: the split's own examples are the reference
+        fresh = np.concatenate([b["x"].reshape((-1,) + tuple(dataset.data_shape))
+                                for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
     row.update(evaluate.toy_sample_metrics(jax.random.fold_in(key, 1), samples, fresh))
     if centres is not None:
         row["mode_centres"] = centres.tolist()
@@ -233,8 +237,11 @@ def main(argv):
                 if k not in ("sampler", "steps", "num_samples"):
                     print(f"  {k:<22}{v}")
         result["samples"] = rows
-        if len(rows) > 1:
-            metrics = [k for k in ("classifier_fd", "fid", "mmd", "sliced_wasserstein") if k in rows[0]]
+        metrics = [k for k in ("classifier_fd", "fid", "mmd", "sliced_wasserstein") if k in rows[0]]
+        if len(rows) > 1 and not metrics:
+            print("sample_quality.png skipped: no sample metric to plot (unlabelled images without "
+                  "--inception_weights)")
+        elif len(rows) > 1:
             path = viz.plot_ablation(os.path.join(workdir, "sample_quality.png"), rows, metrics, label="sampler",
                                      x="steps", log_x=True, title="sample quality vs sampling steps")
             print(f"wrote {path}")

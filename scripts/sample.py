@@ -110,6 +110,9 @@ def main(argv):
                                            title=f"{_SAMPLER.value}, {steps} steps"))
         done = np.minimum(np.arange(1, len(traj.x) + 1) * every, steps)  # steps taken at each record
         written.append(viz.plot_trajectories(os.path.join(out, "trajectories.png"), traj.x, steps=done))
+    elif samples.ndim > 2 or samples.shape[-1] > 2:
+        print(f"no plot for {samples.shape[1:]}-shaped vector samples (plots are for 1-D and 2-D data); "
+              "the samples are in samples.npz")
     else:
         ref_ds = data.build_dataset(config.data, split="train", seed=config.seed,
                                     global_batch_size=len(samples) * jax.local_device_count())

@@ -2,4 +2,32 @@
 import os
 import sys
 
+import numpy as np
+from PIL import Image
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_image_folder(root) -> tuple:
+    """A folder of real PNG/JPEG files in sub-folders (RGB, grey, RGBA, several sizes) plus
+    broken ones; returns (folder, names of the broken files)."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        sub = os.path.join(root, f"class_{i % 2}", "deeper" if i % 3 == 0 else "")
+        os.makedirs(sub, exist_ok=True)
+        size = (12 + i, 10 + 2 * i)
+        mode = ("RGB", "L", "RGBA")[i % 3]
+        array = rng.integers(0, 256, size[::-1] + ((3,) if mode == "RGB" else (4,) if mode == "RGBA" else ()))
+        image = Image.fromarray(array.astype(np.uint8), mode)
+        ext = "png" if i % 2 else "jpg"
+        image.convert("RGB" if ext == "jpg" else mode).save(os.path.join(sub, f"img{i}.{ext}"))
+    broken = ["class_0/not_an_image.png", "class_1/truncated.jpg", "empty.jpeg"]
+    with open(os.path.join(root, broken[0]), "w") as f:
+        f.write("this is text, not a PNG")
+    good_jpg = os.path.join(root, "class_0", "deeper", "img0.jpg")
+    with open(good_jpg, "rb") as f, open(os.path.join(root, broken[1]), "wb") as g:
+        g.write(f.read()[:200])
+    open(os.path.join(root, broken[2]), "wb").close()
+    with open(os.path.join(root, "README.txt"), "w") as f:
+        f.write("not an image suffix: ignored")
+    return str(root), broken

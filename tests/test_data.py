@@ -386,3 +386,60 @@ def test_toy_datasets_fresh_stream_and_fixed_sets():
     assert set(all_examples(other_seed, 100)[0].ravel().tolist()) == pool  # the fixed set ignores the seed
     test = make({"source": "toy", "name": "mixture1d", "num_test": 500}, split="test", batch=100)
     assert test.num_examples == 500 and not set(all_examples(test, 100)[0].ravel().tolist()) & pool
+
+
+# ---------------------------------------------------------------------------
+# Image folders with unreadable files (issue 19).
+# ---------------------------------------------------------------------------
+
+
+def _folder_config(path, **changes):
+    cfg = data.default_config()
+    cfg.update(dict(dict(source="folder", path=path, image_size=8, num_test=2), **changes))
+    return cfg
+
+
+def test_folder_with_bad_files_stops_before_training_naming_them(tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder, broken = make_image_folder(tmp_path / "images")
+    with pytest.raises(ValueError) as e:
+        data.build_dataset(_folder_config(folder), split="train", global_batch_size=2, seed=0)
+    message = str(e.value)
+    assert message.startswith("config.data.path") and "skip_bad_files" in message
+    assert all(name in message for name in broken) and "README.txt" not in message
+    assert "3 of 13 files" in message
+
+
+def test_folder_skip_bad_files_warns_once_and_trains_on_the_rest(tmp_path, caplog):
+    from tests.conftest import make_image_folder
+
+    folder, broken = make_image_folder(tmp_path / "images")
+    cfg = _folder_config(folder, skip_bad_files=True)
+    with caplog.at_level("WARNING"):
+        train_ds = data.build_dataset(cfg, split="train", global_batch_size=2, seed=0)
+        test_ds = data.build_dataset(cfg, split="test", global_batch_size=2, seed=0)
+    warnings = [r for r in caplog.records if "not readable images" in r.getMessage()]
+    assert len(warnings) == 1 and all(name in warnings[0].getMessage() for name in broken)
+    assert train_ds.num_examples + test_ds.num_examples == 10
+    x = np.concatenate([train_ds.get_batch(i)["x"].reshape(-1, 8, 8, 3) for i in range(4)])
+    assert x.shape == (8, 8, 8, 3) and np.all(np.abs(x) <= 1.0)
+
+
+def test_folder_file_going_bad_mid_run_is_skipped_and_logged(tmp_path, caplog):
+    from tests.conftest import make_image_folder
+
+    folder, _ = make_image_folder(tmp_path / "images")
+    ds = data.build_dataset(_folder_config(folder, skip_bad_files=True, num_test=0), split="train",
+                            global_batch_size=10, seed=0)
+    before = ds.get_batch(0)["x"].reshape(10, -1)
+    victim = ds._examples.files[ds._permutation(0)[0]]
+    with open(victim, "wb") as f:
+        f.write(b"overwritten")
+    with caplog.at_level("WARNING"):
+        after = ds.get_batch(0)["x"].reshape(10, -1)
+    logged = [r.getMessage() for r in caplog.records if "became unreadable" in r.getMessage()]
+    assert len(logged) == 1 and str(victim) in logged[0]
+    # the broken file's slot holds another readable image of the folder; the rest are unchanged
+    np.testing.assert_array_equal(after[1:], before[1:])
+    assert any(np.array_equal(after[0], row) for row in before[1:])

@@ -466,3 +466,15 @@ def test_bad_arguments_raise_before_tracing(kwargs, match):
     with pytest.raises(ValueError, match=match):
         samplers.sample(fn, KEY, (4, 1), **{"schedule": SCHEDULE, **kwargs})
     assert count[0] == 0
+
+
+def test_clip_x0_accepts_a_bool():
+    """clip_x0=True is the data range (-1, 1), False no clipping: the same samples as the
+    explicit (-1.0, 1.0) and None."""
+    model = lambda x, t: jnp.full_like(x, 0.3)  # eps_hat = 0.3: x0_hat leaves [-1, 1] at high noise
+    run = lambda clip: np.asarray(samplers.sample(model, jax.random.PRNGKey(0), (4, 2), schedule=SCHEDULE,
+                                                  num_steps=5, sampler="ddim", clip_x0=clip))
+    np.testing.assert_array_equal(run(True), run((-1.0, 1.0)))
+    np.testing.assert_array_equal(run(False), run(None))
+    assert not np.allclose(run(True), run(False))
+    assert np.abs(run(True)).max() <= 1.0 + 1e-6

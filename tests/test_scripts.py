@@ -4,6 +4,7 @@ One tiny run is trained in-process (module fixture); the scripts run as
 subprocesses, as a user runs them.
 """
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -125,3 +126,87 @@ def test_ablate_validates_every_run_before_training(tmp_path):
              "--config.loss.name=vdm", "--config.diffusion.time_input=log_snr")
     assert r.returncode != 0 and "--elbo=exact needs discrete time" in r.stderr
     assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Data the shipped scripts crashed on (issue 19): vector data from an .npz with more than
+# 2 dimensions, and unlabelled images (no sample metric to plot).
+# ---------------------------------------------------------------------------
+
+
+def _train_tiny(workdir, data_changes, model):
+    from vdm import config as config_lib
+    from vdm import train
+
+    c = config_lib.defaults()
+    c.data.update(data_changes)
+    c.model = model
+    c.diffusion.T = 20
+    c.train.update(dict(num_steps=2, batch_size=4, log_every=1, checkpoint_every=2))
+    c.eval.update(dict(every=2, batch_size=4, num_batches=1, elbo_samples=2, elbo_chunk=20))
+    c.sample.update(dict(num_samples=4))
+    train.train_and_evaluate(c, workdir)
+    return workdir
+
+
+def test_vector_npz_data_samples_and_sample_metrics(tmp_path):
+    """3-D float vectors from an .npz: the loop writes its samples (as .npz, no plot), sample.py
+    runs, and evaluate.py --sample_metrics compares with the held-out vectors."""
+    import numpy as np
+
+    path = tmp_path / "vectors.npz"
+    np.savez(path, x=np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32))
+    model = dict(name="mlp", hidden=16, depth=1, embed_dim=8, dtype="float32")
+    workdir = _train_tiny(str(tmp_path / "run"), dict(source="npz", path=str(path), num_test=8), model)
+    assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000002.npz"]
+    r = _run("sample.py", f"--workdir={workdir}", "--num_samples=5", "--num_steps=4", f"--out={tmp_path / 's'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.load(tmp_path / "s" / "samples.npz")["samples"].shape == (5, 3) and "no plot" in r.stdout
+    out = str(tmp_path / "eval.json")
+    r = _run("evaluate.py", f"--workdir={workdir}", "--elbo=none", "--sample_metrics", "--num_generated=8",
+             "--sampling_steps=4", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.load(open(out))["samples"][0]
+    assert row["mmd"] == row["mmd"] and row["sliced_wasserstein"] > 0
+
+
+def test_evaluate_several_sampler_rows_on_unlabelled_images(tmp_path):
+    """Unlabelled images without --inception_weights have no sample metric: the rows are
+    reported and the comparison plot is skipped with a reason."""
+    import numpy as np
+
+    path = tmp_path / "images.npz"
+    np.savez(path, x=np.random.default_rng(0).integers(0, 256, (20, 4, 4, 1)).astype(np.uint8))
+    model = dict(name="unet", ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4,
+                 dtype="float32")
+    workdir = _train_tiny(str(tmp_path / "run"), dict(source="npz", path=str(path), num_test=4), model)
+    out = str(tmp_path / "eval.json")
+    r = _run("evaluate.py", f"--workdir={workdir}", "--elbo=none", "--sample_metrics", "--num_generated=4",
+             "--sampler=ancestral,ddim", "--sampling_steps=2,4", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.load(open(out))["samples"]) == 4 and "sample_quality.png skipped" in r.stdout
+
+
+def test_ablate_docstring_examples_validate():
+    """Every run of the examples in ablate.py's docstring passes validation."""
+    import shlex
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ablate
+    from configs import digits
+
+    doc = ablate.__doc__.replace("\\\n", " ")
+    commands = [shlex.split(line) for line in doc.splitlines() if "scripts/ablate.py" in line]
+    assert len(commands) == 3
+    for cmd in commands:
+        config = digits.get_config()
+        grids = [a.split("=", 1)[1] for a in cmd if a.startswith("--grid=")] or ["parameterization"]
+        overrides = {}
+        for a in cmd:
+            if a.startswith("--config."):
+                key, value = a[len("--config."):].split("=", 1)
+                overrides[key] = ablate.parse_value(value, ablate.get_field(config, key))
+        axes = ablate.parse_axes(config, grids)
+        for values in itertools.product(*(vals for _, vals in axes)):
+            point = dict(overrides, **{field: v for (field, _), v in zip(axes, values)})
+            ablate.run_config(config, point)

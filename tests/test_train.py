@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import json
+
 import numpy as np
 import pytest
 
@@ -33,9 +35,31 @@ def _run(workdir, devices, *args, timeout=240):
     return proc.stdout
 
 
-def _params(workdir, process=0):
-    with np.load(os.path.join(workdir, f"params_{process}.npz")) as f:
+def _state(workdir, process=0):
+    """The final TrainState a worker saved: {leaf path: array}, e.g. ".params['net']...",
+    ".ema_params[...]", ".opt_state[...]" (Adam's count, mu, nu), ".loss_state...", ".step"."""
+    with np.load(os.path.join(workdir, f"state_{process}.npz")) as f:
         return {k: f[k] for k in f.files}
+
+
+def _assert_trained(state, steps):
+    """The state holds params, EMA params and optimiser moments that all moved over ``steps``
+    Adam updates: the count is ``steps`` and the EMA differs from the params."""
+    parts = {p: [k for k in state if k.startswith(p)] for p in (".params", ".ema_params", ".opt_state")}
+    assert all(parts.values()), sorted(state)
+    counts = [int(state[k]) for k in parts[".opt_state"] if k.endswith(".count")]
+    assert counts and all(c == steps for c in counts), counts
+    mu = [k for k in parts[".opt_state"] if ".mu" in k]
+    assert mu and all(np.abs(state[k]).max() > 0 for k in mu)
+    assert any(np.abs(state[k] - state[k.replace(".params", ".ema_params", 1)]).max() > 1e-6
+               for k in parts[".params"])
+
+
+def _losses(workdir):
+    """The logged training loss of every step (the last record of a step rerun after a resume)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def _assert_close(a, b, atol=1e-5):
@@ -48,15 +72,19 @@ def _assert_close(a, b, atol=1e-5):
 def one_device(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("d1")
     _run(workdir, 1)
-    return _params(workdir)
+    return _state(workdir), _losses(workdir)
 
 
 @pytest.mark.parametrize("devices", [2, 4])
-def test_same_params_on_1_2_4_devices(one_device, tmp_path, devices):
-    """Same global batch and seed: 3 pmapped steps give the same params on any device count."""
+def test_same_state_on_1_2_4_devices(one_device, tmp_path, devices):
+    """Same global batch and seed: 3 pmapped steps give the same params, EMA params, optimizer
+    state and loss history on any device count."""
     _run(tmp_path, devices)
-    _assert_close(_params(tmp_path), one_device)
-    assert any(np.abs(v).max() > 0 for v in one_device.values())
+    state, losses = one_device
+    _assert_trained(state, 3)
+    _assert_close(_state(tmp_path), state)
+    np.testing.assert_allclose(list(_losses(tmp_path).values()), list(losses.values()), rtol=1e-5)
+    assert sorted(losses) == [1, 2, 3]
 
 
 def _free_port():
@@ -75,10 +103,13 @@ def test_two_processes_match_one(one_device, tmp_path):
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "2 process(es), 4 device(s)" in outs[0]
-    p0, p1 = _params(tmp_path, 0), _params(tmp_path, 1)
+    p0, p1 = _state(tmp_path, 0), _state(tmp_path, 1)
+    assert p0.keys() == p1.keys()
     for k in p0:
         np.testing.assert_array_equal(p0[k], p1[k])
-    _assert_close(p0, one_device)
+    _assert_trained(p0, 3)
+    _assert_close(p0, one_device[0])
+    np.testing.assert_allclose(list(_losses(tmp_path).values()), list(one_device[1].values()), rtol=1e-5)
 
 
 def _checkpoints(workdir):
@@ -87,15 +118,21 @@ def _checkpoints(workdir):
     return sorted(int(n) for n in names if n.isdigit()), [n for n in names if not n.isdigit()]
 
 
-RESUME_ARGS = ("train.num_steps=16", "train.checkpoint_every=2", "train.keep_checkpoints=3")
+# The vlb loss with importance-sampled t keeps a loss history in the state, which a resume must restore.
+RESUME_ARGS = ("train.num_steps=16", "train.checkpoint_every=2", "train.keep_checkpoints=3", "loss.name='vlb'",
+               "loss.importance_sampling=True", "loss.history=2")
 
 
 def test_sigkill_and_resume_is_exact(tmp_path):
     """SIGKILL at random moments, the first right after an async checkpoint save starts; every
     rerun resumes from the newest complete checkpoint (never a half-written one) and the final
-    params equal an uninterrupted run's exactly."""
+    params, EMA params, optimizer state, importance-sampling loss history and logged losses equal
+    an uninterrupted run's exactly."""
     _run(tmp_path / "straight", 1, *RESUME_ARGS)
-    expected = _params(tmp_path / "straight")
+    expected = _state(tmp_path / "straight")
+    _assert_trained(expected, 16)
+    history = [k for k in expected if k.startswith(".loss_state")]
+    assert history and any(np.abs(expected[k]).max() > 0 for k in history), sorted(expected)
 
     workdir = tmp_path / "killed"
     rng = random.Random(0)
@@ -119,7 +156,8 @@ def test_sigkill_and_resume_is_exact(tmp_path):
         complete, _ = _checkpoints(workdir)
     out = _run(workdir, 1, *RESUME_ARGS)
     assert f"resumed from step {complete[-1]}" in out if complete else "starting at step 0" in out
-    _assert_exact(_params(workdir), expected)
+    _assert_exact(_state(workdir), expected)
+    assert _losses(workdir) == _losses(tmp_path / "straight")
 
 
 def _assert_exact(a, b):
@@ -174,6 +212,7 @@ def test_validation_batch_not_divisible_by_devices(tmp_path):
 def test_validation_continuous_time_needs_vdm_loss():
     c = config_lib.defaults()
     c.diffusion.update(dict(time="continuous", schedule="learned", T=0))
+    c.sample.num_steps = 100
     with pytest.raises(ValueError, match="config.loss.name.*vdm"):
         config_lib.validate(c)
     c.loss.name = "vdm"
@@ -200,8 +239,129 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                "train.checkpoint_every=1"),
                           env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
-    m = re.search(r"non-finite loss or gradient at steps (\d+)\.\.\d+.*last good checkpoint is step (\d+)",
-                  proc.stderr)
+    m = re.search(r"non-finite (loss|gradient) at step (\d+).*last good checkpoint is step (\d+)", proc.stderr)
     assert m, proc.stderr[-3000:]
-    bad, last = int(m.group(1)), int(m.group(2))
+    bad, last = int(m.group(2)), int(m.group(3))
     assert last == bad - 1 and _checkpoints(tmp_path)[0][-1] == last
+    # the diagnosis: schedule ends checked, the examples' t named, the divergence found
+    assert "schedule log-SNR at the ends: t=1:" in proc.stderr
+    assert re.search(r"loss (non-finite for \d+ of 16 examples, at t in|finite for all 16)", proc.stderr)
+    assert "cause: the parameters diverged; lower optim.lr" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# Paths that validation accepted and the loop then crashed on (issue 19).
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, field, allowed", [
+    # a one-step learned variance cannot be respaced by ancestral / pc sampling
+    (dict(diffusion__variance="learned", loss__name="hybrid", sample__num_steps=100),
+     "config.sample.num_steps", "learned_range"),
+    # continuous time with T = 0 has no default number of sampling steps
+    (dict(diffusion__time="continuous", diffusion__schedule="learned", diffusion__T=0, loss__name="vdm"),
+     "config.sample.num_steps", "sampling steps"),
+    # quadratic / karras spacing over all T steps repeat timesteps
+    (dict(sample__spacing="quadratic"), "config.sample.spacing", "repeats timesteps"),
+    (dict(sample__spacing="karras"), "config.sample.spacing", "repeats timesteps"),
+])
+def test_validation_refuses_what_sampling_cannot_run(changes, field, allowed):
+    with pytest.raises(ValueError) as e:
+        config_lib.validate(_bad(**changes))
+    assert str(e.value).startswith(field) and allowed in str(e.value), str(e.value)
+
+
+def test_validation_per_step_heads_needs_one_head_per_step():
+    import configs.swissroll as swissroll
+
+    c = swissroll.get_config()
+    config_lib.validate(c)
+    c.diffusion.T = 50  # heads 41..50 would be clamped to head 40
+    with pytest.raises(ValueError, match=r"config.model.num_steps = 40.*diffusion.T = 50"):
+        config_lib.validate(c)
+
+
+def test_optimizer_stepped_follows_multisteps():
+    """With accumulation over 2 micro-batches the optimiser steps on every 2nd update only."""
+    import jax.numpy as jnp
+
+    from vdm import train
+
+    c = config_lib.defaults()
+    c.optim.accum_steps = 2
+    tx = train.make_optimizer(c.optim, 10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    stepped = []
+    for _ in range(4):
+        _, state = tx.update({"w": jnp.ones(3)}, state, params)
+        stepped.append(bool(train.optimizer_stepped(tx, state)))
+    assert stepped == [False, True, False, True]
+    c.optim.accum_steps = 1
+    assert bool(train.optimizer_stepped(train.make_optimizer(c.optim, 10), None))
+
+
+def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
+    """configs/image_folder.py at tiny size on a folder of real PNG/JPEG files: 2 updates of
+    2 accumulated micro-batches of 4 give the params and EMA params of 2 steps over the
+    combined batches of 8 (same per-example t and noise: keys follow the update)."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    import configs.image_folder as image_folder
+    from tests.conftest import make_image_folder
+    from vdm import data, train
+
+    folder, _ = make_image_folder(tmp_path / "images")
+    c = image_folder.get_config()
+    c.data.update(dict(path=folder, image_size=8, num_test=2, skip_bad_files=True, random_flip=False))
+    c.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4))
+    c.diffusion.T = 50
+    c.optim.update(dict(warmup_steps=0, lr=1e-4))
+    c.train.update(dict(batch_size=4, num_steps=4))
+    c.sample.num_steps = 5
+    config_lib.validate(c)
+    ds = data.build_dataset(c.data, split="train", global_batch_size=4, seed=0)
+    setup = train.build_setup(c, ds)
+    params = setup.init_params(jax.random.PRNGKey(0))
+    batches = [ds.get_batch(i)["x"] for i in range(4)]
+
+    def run(optim, num_steps, xs):
+        tx = train.make_optimizer(optim, num_steps)
+        state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+                                 rng=jax.random.PRNGKey(1), loss_state={})
+        p_train = train.make_p_train(setup.objective, tx, optim)
+        state, _ = p_train(flax.jax_utils.replicate(state), {"x": np.stack(xs, axis=1)})
+        return train.unreplicate(state)
+
+    accumulated = run(c.optim, 4, batches)
+    combined = c.optim.copy_and_resolve_references()
+    combined.accum_steps = 1
+    one = run(combined, 2, [np.concatenate(batches[0:2], axis=1), np.concatenate(batches[2:4], axis=1)])
+    for name in ("params", "ema_params"):
+        a, b = jax.tree.leaves(getattr(accumulated, name)), jax.tree.leaves(getattr(one, name))
+        assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) < 1e-6, name
+    moved = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(one.params), jax.tree.leaves(params)))
+    assert moved > 1e-5  # the two updates did change the parameters
+
+
+def test_train_time_sampler_compiles_once_for_new_params():
+    """The loop's sampler takes the parameters as an argument: new EMA parameters (host NumPy
+    arrays, as the loop passes them) reuse the compiled sampler."""
+    import jax
+
+    from tests.train_worker import tiny_config
+    from vdm import data, samplers, train
+
+    c = tiny_config()
+    c.sample.num_samples = 4
+    ds = data.build_dataset(c.data, split="train", global_batch_size=16, seed=0)
+    setup = train.build_setup(c, ds)
+    p1 = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))
+    p2 = jax.device_get(setup.init_params(jax.random.PRNGKey(1)))
+    a = np.asarray(setup.sample(p1, jax.random.PRNGKey(2)))
+    size = samplers._run_jit._cache_size()
+    b = np.asarray(setup.sample(p2, jax.random.PRNGKey(2)))
+    assert samplers._run_jit._cache_size() == size
+    assert a.shape == (4, 2) and not np.allclose(a, b)  # the new parameters were used

@@ -3,25 +3,18 @@
     python tests/train_worker.py WORKDIR DEVICES [key=value overrides...] [--process I/N@PORT]
 
 Forces DEVICES CPU devices, trains the tiny config below (2-D toy data, small
-MLP) and writes the final params of this process to WORKDIR/params_<process>.npz.
+MLP) and writes this process's final TrainState (params, EMA params, optimizer
+state, loss history, step), one array per leaf named by its path, to
+WORKDIR/state_<process>.npz.
 """
 import os
 import sys
 
-workdir, devices, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-import jax  # noqa: E402
-
-from vdm import config as config_lib  # noqa: E402
-from vdm import train  # noqa: E402
-from vdm.models import presets  # noqa: E402
-
 
 def tiny_config():
+    from vdm import config as config_lib
+    from vdm.models import presets
+
     c = config_lib.defaults()
     c.data.source, c.data.name, c.data.num_test = "toy", "gaussians2d", 32
     c.model = presets.toy_mlp()
@@ -34,20 +27,33 @@ def tiny_config():
     return c
 
 
-config = tiny_config()
-for arg in args:
-    if arg.startswith("--process"):
-        spec, port = arg.split("=")[1].split("@")
-        pid, n = map(int, spec.split("/"))
-        config.train.update(dict(distributed=True, coordinator_address=f"localhost:{port}",
-                                 num_processes=n, process_id=pid))
-        continue
-    key, value = arg.split("=", 1)
-    section, field = key.split(".")
-    config[section][field] = type(config[section][field])(eval(value))
-train.setup_distributed(config.train)
-state = train.train_and_evaluate(config, workdir)
-leaves = jax.tree_util.tree_leaves_with_path(state.params)
-np.savez(os.path.join(workdir, f"params_{jax.process_index()}.npz"),
-         **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
-print("worker done", flush=True)
+def main(workdir, devices, args):
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax
+    import numpy as np
+
+    from vdm import train
+
+    config = tiny_config()
+    for arg in args:
+        if arg.startswith("--process"):
+            spec, port = arg.split("=")[1].split("@")
+            pid, n = map(int, spec.split("/"))
+            config.train.update(dict(distributed=True, coordinator_address=f"localhost:{port}",
+                                     num_processes=n, process_id=pid))
+            continue
+        key, value = arg.split("=", 1)
+        section, field = key.split(".")
+        config[section][field] = type(config[section][field])(eval(value))
+    train.setup_distributed(config.train)
+    state = train.train_and_evaluate(config, workdir)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    np.savez(os.path.join(workdir, f"state_{jax.process_index()}.npz"),
+             **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+    print("worker done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

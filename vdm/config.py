@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import jax
 import ml_collections
+import numpy as np
 
 from vdm import data as data_lib
 from vdm import diffusion as diffusion_lib
@@ -215,9 +216,16 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
               "loss.name = 'vlb' in discrete time")
 
 
-def validate_model(model: ml_collections.ConfigDict) -> None:
+def validate_model(model: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
     if "name" not in model or model.name not in models.NETWORKS:
         _fail("model.name", model.get("name"), f"must be one of {tuple(models.NETWORKS)}")
+    if model.name == "per_step_heads":
+        if d.time != "discrete" or d.time_input != "t":
+            _fail("model.name", model.name, "has one head per integer step t: it needs diffusion.time "
+                  "'discrete' and diffusion.time_input 't'")
+        if model.get("num_steps") != d.T:
+            _fail("model.num_steps", model.get("num_steps"), f"must equal diffusion.T = {d.T} (one head "
+                  "per step)")
     if "learned_variance" in model:
         _fail("model.learned_variance", model.learned_variance, "the output channel sets follow "
               f"diffusion.variance (twice the channels for {diffusion_lib.VARIANCE_TYPES[2:]}); "
@@ -252,6 +260,29 @@ def validate_sample(sample: ml_collections.ConfigDict, d: ml_collections.ConfigD
         _fail("sample.num_steps", sample.num_steps, f"must be at most diffusion.T = {d.T} (0 = all T steps)")
     if not isinstance(sample.clip_x0, bool):
         _fail("sample.clip_x0", sample.clip_x0, "must be True or False")
+    if d.time == "continuous":
+        if sample.num_steps == 0 and d.T == 0:
+            _fail("sample.num_steps", 0, "continuous time with diffusion.T = 0 has no step count to default "
+                  "to; set the number of sampling steps (e.g. 1000, as Kingma et al. 2021 sample)")
+        return
+    _check_discrete_grid(sample, d)
+
+
+def _check_discrete_grid(sample: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    """The sampler's grid of a discrete schedule exists (no repeated timesteps), and a one-step
+    learned variance ('learned') is sampled by ancestral / pc on all T steps only."""
+    num_steps = sample.num_steps or d.T
+    table = schedules.discrete_schedule(d.schedule, d.T, **dict(d.schedule_kwargs))
+    try:
+        grid = samplers.time_grid(num_steps, schedule=table, spacing=sample.spacing)
+    except ValueError as e:
+        _fail("sample.spacing", sample.spacing, f"with sample.num_steps = {sample.num_steps} "
+              f"({num_steps} steps) on diffusion.T = {d.T}: {e}")
+    full = np.array_equal(grid.times[:-1], np.arange(d.T, 0, -1))
+    if d.variance == "learned" and sample.sampler in ("ancestral", "pc") and not full:
+        _fail("sample.num_steps", sample.num_steps, f"diffusion.variance 'learned' is the log-variance of one "
+              f"step t -> t-1, so sampler {sample.sampler!r} needs all T = {d.T} steps (num_steps 0 or T, "
+              "spacing linspace); use 'learned_range' to respace, or sampler 'ddim'")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -270,5 +301,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.eval.elbo == "exact" and config.diffusion.time != "discrete":
         _fail("eval.elbo", "exact", "the exact sum over T terms needs diffusion.time = 'discrete'; use 'mc'")
     validate_sample(config.sample, config.diffusion)
-    validate_model(config.model)
+    validate_model(config.model, config.diffusion)
     data_lib.validate_config(config.data)

@@ -40,7 +40,10 @@ Sources (``cfg.source``):
   feature gives the labels.
 * ``folder``: every .png/.jpg/.jpeg under ``cfg.path`` (recursive, sorted), converted to
   ``channels`` (3 RGB or 1 grey) and fitted to ``image_size`` (seed 001); held out as
-  for digits.
+  for digits. Every file is opened and decoded once, in parallel, when the data set is
+  built (``check_image_files``): unreadable or non-image files stop the run with their
+  names, or with ``skip_bad_files`` are left out with one warning. A file that becomes
+  unreadable later is replaced by the next readable one in the list and logged.
 * ``npz``: the array ``cfg.npz_key`` of the .npz file ``cfg.path``: uint8 [N, H, W(, C)]
   is image data, a float array [N, ...] is used as is (no scaling); labels from
   ``cfg.npz_label_key`` if set; held out as for digits.
@@ -62,6 +65,9 @@ density p, so bits/dim on the discrete data <= continuous bits/dim + log2(127.5)
 """
 from __future__ import annotations
 
+import concurrent.futures
+import logging
+import os
 import pathlib
 from typing import Iterator, Optional
 
@@ -101,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
         random_flip=False,   # 8-bit images: random left-right flips of training batches
         num_points=0,        # source=toy, train: 0 = fresh samples every step; N = fixed set of N points
         num_test=297,        # digits/folder/npz: examples held out as `test`; toy: test points
+        skip_bad_files=False,  # source=folder: unreadable files stop the run (False) or are skipped
     ))
 
 
@@ -130,7 +137,7 @@ def validate_config(cfg) -> ml_collections.ConfigDict:
     for field in ("channels", "image_size", "pad_to", "num_points", "num_test"):
         if not isinstance(c[field], int) or isinstance(c[field], bool) or c[field] < 0:
             raise _error(field, f"must be a non-negative int, got {c[field]!r}")
-    for field in ("dequantize", "random_flip"):
+    for field in ("dequantize", "random_flip", "skip_bad_files"):
         if not isinstance(c[field], bool):
             raise _error(field, f"must be True or False, got {c[field]!r}")
 
@@ -237,20 +244,88 @@ class _Arrays:
         return self.x[indices], None if self.labels is None else self.labels[indices]
 
 
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decode(path, mode: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image.convert(mode)
+
+
+def _read_error(path, mode: str) -> Optional[str]:
+    try:
+        _decode(path, mode)
+    except BAD_IMAGE_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_image_files(files, channels: int, workers: Optional[int] = None) -> dict:
+    """{file: error} for every file of ``files`` that PIL cannot open and decode as an image,
+    checked by a thread pool (decoding releases the GIL)."""
+    mode = "RGB" if channels == 3 else "L"
+    workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        errors = pool.map(lambda f: _read_error(f, mode), files)
+        return {f: e for f, e in zip(files, errors) if e is not None}
+
+
+_CHECKED_FOLDERS: dict = {}  # (files with size and mtime, channels, skip) -> readable files
+
+
+def _readable_image_files(cfg) -> list:
+    """The folder's image files after one decode pass (once per process while no file changes:
+    the train and test splits share it); raises naming the bad files unless
+    ``cfg.skip_bad_files``, which leaves them out with one warning."""
+    files = _image_files(pathlib.Path(cfg.path))
+    stats = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = (stats, cfg.channels, cfg.skip_bad_files)
+    if key not in _CHECKED_FOLDERS:
+        bad = check_image_files(files, cfg.channels)
+        listing = "\n".join(f"  {os.path.relpath(f, cfg.path)}: {e}" for f, e in bad.items())
+        if bad and not cfg.skip_bad_files:
+            raise _error("path", f"{len(bad)} of {len(files)} files under {cfg.path!r} are not readable "
+                                 f"images:\n{listing}\nremove them, or set config.data.skip_bad_files=True "
+                                 "to train without them")
+        if bad:
+            logging.warning("skipping %d of %d files under %r that are not readable images:\n%s",
+                            len(bad), len(files), cfg.path, listing)
+        good = [f for f in files if f not in bad]
+        if not good:
+            raise _error("path", f"none of the {len(files)} files under {cfg.path!r} is a readable image")
+        _CHECKED_FOLDERS[key] = good
+    return _CHECKED_FOLDERS[key]
+
+
 class _Folder:
+    """Images of a list of checked files. A file that fails to decode later (changed on disk)
+    is logged once and replaced by the next readable file of the list."""
+
     def __init__(self, files, size: int, channels: int):
         self.files, self.size, self.mode = files, size, "RGB" if channels == 3 else "L"
+        self.failed = set()
 
     def __len__(self):
         return len(self.files)
 
+    def _image(self, i: int) -> np.ndarray:
+        for j in range(len(self.files)):
+            path = self.files[(i + j) % len(self.files)]
+            if path in self.failed:
+                continue
+            try:
+                fitted = fit_image(_decode(path, self.mode), self.size)
+            except BAD_IMAGE_ERRORS as e:
+                self.failed.add(path)
+                logging.warning("skipping %s, which became unreadable during the run: %s: %s",
+                                path, type(e).__name__, e)
+                continue
+            return np.asarray(fitted).reshape(self.size, self.size, -1)
+        raise OSError(f"no file of the image folder is readable any more ({len(self.files)} files)")
+
     def load(self, indices):
-        images = []
-        for i in indices:
-            with Image.open(self.files[i]) as image:
-                fitted = fit_image(image.convert(self.mode), self.size)
-            images.append(np.asarray(fitted).reshape(self.size, self.size, -1))
-        return np.stack(images), None
+        return np.stack([self._image(int(i)) for i in indices]), None
 
 
 class _Tfds:
@@ -306,7 +381,7 @@ def _open_source(cfg, split):
         return _Arrays(x[idx].astype(np.float32), labels), num_classes, False
 
     if cfg.source == "folder":
-        files = _image_files(pathlib.Path(cfg.path))
+        files = _readable_image_files(cfg)
         idx = _holdout(len(files), cfg.num_test, split, "folder")
         return _Folder([files[i] for i in idx], cfg.image_size, cfg.channels), 0, True
 

@@ -227,7 +227,8 @@ class Denoiser:
     """A ``model_fn(x_t, t)`` with what the samplers need to read its output.
 
     Calling it at a level (t, log_snr) gives (x0_hat, eps_hat, variance channels
-    or None) through ``vdm.diffusion``'s conversions. ``clip_x0 = (lo, hi)`` or
+    or None) through ``vdm.diffusion``'s conversions. ``clip_x0 = (lo, hi)`` (True: (-1, 1),
+    False: no clipping) or
     ``threshold`` (a quantile, dynamic thresholding) post-processes x0_hat, and
     eps_hat is then recomputed from it (as in Ho et al.'s and DDIM's code).
     Hashable (by model_fn identity), so it can be a static argument of jit.
@@ -242,6 +243,8 @@ class Denoiser:
     def __post_init__(self):
         diffusion.check_parameterization(self.parameterization)
         diffusion.check_variance_type(self.variance_type)
+        if isinstance(self.clip_x0, (bool, np.bool_)):  # True: the data range [-1, 1]; False: none
+            object.__setattr__(self, "clip_x0", (-1.0, 1.0) if self.clip_x0 else None)
         if self.clip_x0 is not None:
             lo, hi = (float(v) for v in self.clip_x0)
             if not lo < hi:
@@ -669,8 +672,10 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
     return spec, grid
 
 
-def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, axis_name=None):
+def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, params=None, axis_name=None):
     """Draw x_T from the per-example keys and run the sampler (traced by jit or pmap)."""
+    if params is not None:
+        model_fn = functools.partial(model_fn, params)
     if spec.guidance_scale is not None:
         model_fn = classifier_free_guidance(model_fn, labels, spec.guidance_scale, spec.null_label,
                                             spec.den[1])
@@ -689,13 +694,13 @@ def _with_labels(model_fn, labels, x, t):
 
 
 _run_jit = jax.jit(_run, static_argnums=(0, 1))
-def _run_sharded(model_fn, spec: _Spec, grid: Grid, keys, labels):
-    return _run(model_fn, spec, grid, keys, labels, axis_name="batch")
+def _run_sharded(model_fn, spec: _Spec, grid: Grid, keys, labels, params):
+    return _run(model_fn, spec, grid, keys, labels, params, axis_name="batch")
 
 
 # in_axes spells out Grid(None, None): with a bare None, jax's flat-args fast path can mis-assign
 # axes when the leaf count happens to equal the argument count (labels=None).
-_run_pmap = jax.pmap(_run_sharded, axis_name="batch", in_axes=(None, None, Grid(None, None), 0, 0),
+_run_pmap = jax.pmap(_run_sharded, axis_name="batch", in_axes=(None, None, Grid(None, None), 0, 0, None),
                      static_broadcasted_argnums=(0, 1))
 
 
@@ -706,7 +711,7 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
            parameterization: str = "eps", variance_type: str = "fixed_small", clip_x0=None,
            threshold: float | None = None, labels=None, guidance_scale: float | None = None,
            null_label: int | None = None, trajectory_every: int | None = None, pmap: bool = False,
-           **options):
+           params=None, **options):
     """Draw ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler (one compile).
 
     model_fn(x_t, t) -> output, t of shape [B] in the model's own time (int 1..T with
@@ -721,7 +726,9 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     step noise. With ``pmap`` the batch is spread over all local devices
     (shape[0] must divide evenly); the result equals the single-device one for any
     device count (up to float rounding). The compile is cached on (model_fn,
-    settings, shapes): reuse the same model_fn object. Returns the samples, or
+    settings, shapes): reuse the same model_fn object. With ``params``, the model is
+    model_fn(params, x_t, t) and params a traced argument, so one compile serves every
+    parameter value (a training run's successive EMA parameters). Returns the samples, or
     (samples, Trajectory) with ``trajectory_every``.
     """
     spec, grid = _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min,
@@ -730,13 +737,13 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     keys = jax.random.split(key, shape[0])
     labels = None if labels is None else jnp.asarray(labels)
     if not pmap:
-        x, traj = _run_jit(model_fn, spec, grid, keys, labels)
+        x, traj = _run_jit(model_fn, spec, grid, keys, labels, params)
         return x if trajectory_every is None else (x, traj)
     n_dev = jax.local_device_count()
     if shape[0] % n_dev:
         raise ValueError(f"shape[0]={shape[0]} must be divisible by the {n_dev} local devices")
     shard = lambda a: None if a is None else a.reshape((n_dev, shape[0] // n_dev) + a.shape[1:])
-    x, traj = _run_pmap(model_fn, spec, grid, shard(keys), shard(labels))
+    x, traj = _run_pmap(model_fn, spec, grid, shard(keys), shard(labels), params)
     x = x.reshape(tuple(shape))
     if trajectory_every is None:
         return x

@@ -97,10 +97,11 @@ def ema_decay(optim: ml_collections.ConfigDict, step) -> jax.Array:
     return jnp.minimum(optim.ema_decay, (1.0 + n) / (10.0 + n))
 
 
-def optimizer_stepped(optim: ml_collections.ConfigDict, opt_state) -> jax.Array:
-    """True when the last ``update`` changed the parameters (always, without accumulation)."""
-    if optim.accum_steps > 1:
-        return optax.MultiSteps.has_updated(opt_state)
+def optimizer_stepped(optimizer, opt_state) -> jax.Array:
+    """True when the last ``update`` changed the parameters: with ``optax.MultiSteps``, its
+    ``has_updated(state)`` (the k-th micro-batch of an update); always without accumulation."""
+    if isinstance(optimizer, optax.MultiSteps):
+        return optimizer.has_updated(opt_state)
     return jnp.asarray(True)
 
 
@@ -209,7 +210,8 @@ class Objective(NamedTuple):
 
     loss(params, key, index, x, loss_state, train) -> (per-example loss [b], aux): ``key``
       is the step's key (the same on every device), ``index`` [b] the examples' global
-      indices, from which every random draw (t, noise) is folded;
+      indices, from which every random draw (t, noise) is folded; aux holds each
+      example's time ``t`` [b] (and its ``vlb_term`` with importance sampling);
     nelbo_bpd(params, key, x) -> an estimate of -ELBO(x) in bits/dim for one example x;
     init_loss_state() -> the importance sampler's LossHistory ({} when unused);
     update_loss_state(loss_state, aux) -> the history after a step, from the aux of the
@@ -269,7 +271,8 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                 loss_type=lc.loss_type, weighting=lc.weighting, target=lc.target or None,
                 snr_gamma=lc.snr_gamma, hybrid_lambda=lc.hybrid_lambda, t=t, weights=w,
                 eps=example_normal(k_eps, x), **common)
-            return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance else {})
+            return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance
+                            else {"t": metrics["t"]})
 
         def nelbo_nats(params, key, x):
             fn = model_fn(params, None, False)
@@ -285,19 +288,20 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
             k_t, k_eps, k_eps0, k_drop = split(key, index)
             u = (low_discrepancy_times(key, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
-            total, _ = losses.vdm_loss(model_fn(params, k_drop, train),
+            total, metrics = losses.vdm_loss(model_fn(params, k_drop, train),
                                        lambda t: process.log_snr(params, t), k_drop, x,
                                        u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
                                        **common)
-            return total
+            return total, metrics["t"]
 
         def loss(params, key, index, x, loss_state, train):
-            return losses.bits_per_dim(vdm_nats(params, key, index, x, train), math.prod(x.shape[1:])), {}
+            nats, t = vdm_nats(params, key, index, x, train)
+            return losses.bits_per_dim(nats, math.prod(x.shape[1:])), {"t": t}
 
         def nelbo_nats(params, key, x):
             index = jnp.arange(ev.elbo_samples)
             return jnp.mean(vdm_nats(params, key, index, jnp.broadcast_to(x, (ev.elbo_samples,) + x.shape),
-                                     False))
+                                     False)[0])
 
     def nelbo_bpd(params, key, x):
         return losses.bits_per_dim(nelbo_nats(params, key, x), x.size)
@@ -310,20 +314,33 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
     return Objective(loss, nelbo_bpd, init, update)
 
 
+def sampling_steps(sample_cfg: ml_collections.ConfigDict, diffusion_cfg: ml_collections.ConfigDict):
+    """``sample.num_steps``; 0 means every step: all T steps of a discrete schedule, or the
+    T of a continuous-time model trained with the T-step loss (validation refuses 0 with T = 0)."""
+    return sample_cfg.num_steps or diffusion_cfg.T or None
+
+
 def build_sampler(config: ml_collections.ConfigDict, network, process: Process, data_shape) -> Callable:
     """``sample(params, key) -> config.sample.num_samples`` samples with ``vdm.samplers.sample``;
-    x0 predictions are clipped to [-1, 1] for image data when ``sample.clip_x0``."""
+    x0 predictions are clipped to [-1, 1] for image data when ``sample.clip_x0``.
+
+    The parameters are a traced argument of one compiled sampler (``samplers.sample(...,
+    params=...)``), so evaluations during training reuse a single compile; only the grid of
+    a learned schedule is recomputed on the host from the given parameters.
+    """
     s, d = config.sample, config.diffusion
-    clip = (-1.0, 1.0) if s.clip_x0 and len(data_shape) == 3 else None
+    clip = bool(s.clip_x0 and len(data_shape) == 3)
+
+    def model(params, x_t, t):
+        return make_model_fn(network, process, d.time_input, params)(x_t, t)
 
     def sample(params, key):
         levels = (dict(schedule=process.schedule) if process.discrete
                   else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
-        return samplers.sample(make_model_fn(network, process, d.time_input, params), key,
-                               (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
-                               num_steps=s.num_steps or None, spacing=s.spacing,
+        return samplers.sample(model, key, (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
+                               num_steps=sampling_steps(s, d), spacing=s.spacing,
                                parameterization=d.parameterization, variance_type=d.variance,
-                               clip_x0=clip, **levels)
+                               clip_x0=clip, params=params, **levels)
 
     return sample
 
@@ -369,6 +386,20 @@ def global_example_index(per_device_batch: int):
     return jax.lax.axis_index(AXIS) * per_device_batch + jnp.arange(per_device_batch)
 
 
+def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
+    """(key, index) of this device's examples at train step ``step``.
+
+    With accumulation over k = ``accum_steps`` micro-batches, the micro-batches of one
+    update are one combined batch of k global batches: the key is folded from the update
+    number step // k and micro-batch m holds examples m * B ... (m + 1) * B - 1 (B the
+    global batch). An accumulated update therefore draws the same t and noise per example
+    as one step over the combined batch (k = 1: key from the step, indices 0 .. B - 1).
+    """
+    update, micro = jnp.divmod(step, accum_steps)
+    global_batch = per_device_batch * jax.lax.psum(1, AXIS)
+    return jax.random.fold_in(rng, update), micro * global_batch + global_example_index(per_device_batch)
+
+
 def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     """One optimisation step on this device's share of the global batch (run under pmap).
 
@@ -378,7 +409,7 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     batch, gathered in global example order.
     """
     x = batch["x"]
-    key, index = jax.random.fold_in(state.rng, state.step), global_example_index(x.shape[0])
+    key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps)
 
     def mean_loss(params):
         per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
@@ -388,7 +419,7 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_rate = jnp.where(optimizer_stepped(optim, opt_state), 1.0 - ema_decay(optim, state.step), 0.0)
+    ema_rate = jnp.where(optimizer_stepped(optimizer, opt_state), 1.0 - ema_decay(optim, state.step), 0.0)
     ema_params = optax.incremental_update(params, state.ema_params, ema_rate)
     loss_state = objective.update_loss_state(state.loss_state, jax.lax.all_gather(aux, AXIS, tiled=True))
     metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
@@ -438,12 +469,20 @@ def evaluate(p_eval, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
 
 
 def write_samples(path: str, samples: np.ndarray) -> str:
-    """Write samples as a PNG: an image grid ([N, H, W, C]), a 1-D histogram or a 2-D scatter plot."""
+    """Write samples as a PNG: an image grid ([N, H, W, C]), a 1-D histogram or a 2-D scatter
+    plot of the finite samples; other vector data ([N, D], D > 2, or more axes), or samples
+    none of which is finite, go to an .npz of the same name."""
+    finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
     if samples.ndim == 4:
-        return viz.save_image_grid(path, samples, scale=viz.display_scale(samples.shape[1]))
-    if samples.shape[-1] == 1:
-        return viz.plot_1d_samples(path, samples[:, 0])
-    return viz.plot_2d_samples(path, samples)
+        return viz.save_image_grid(path, np.nan_to_num(samples), scale=viz.display_scale(samples.shape[1]))
+    if samples.shape[1:] == (1,) and finite.any():
+        return viz.plot_1d_samples(path, samples[finite, 0])
+    if samples.shape[1:] == (2,) and finite.any():
+        return viz.plot_2d_samples(path, samples[finite])
+    path = os.path.splitext(path)[0] + ".npz"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez(path, samples=samples)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -528,6 +567,72 @@ def _all_finite(metrics: dict) -> bool:
     return all(np.all(np.isfinite(v)) for v in metrics.values())
 
 
+def schedule_endpoints(process: Process, params) -> dict:
+    """The log-SNR at the schedule's ends, {"t=1": ..., "t=T": ...} (discrete: the noisiest
+    and least noisy steps) or {"t=0": ..., "t=1": ...} (continuous)."""
+    if process.discrete:
+        return {"t=1": float(process.schedule.log_snr[1]), f"t={process.T}": float(process.schedule.log_snr[process.T])}
+    ends = np.asarray(process.log_snr(params, jnp.asarray([0.0, 1.0], jnp.float32)), np.float64)
+    return {"t=0": float(ends[0]), "t=1": float(ends[1])}
+
+
+def diagnose_non_finite(setup: Setup, optimizer, optim, state: TrainState, batches: dict, first_step: int) -> str:
+    """Why a host call of k steps (from the replicated ``state``, on ``batches``
+    [devices, k, per_device, ...]) went non-finite: replays the steps one by one (``train_step``
+    under ``vmap`` over the device axis, the same collectives as ``pmap``) up to the first bad
+    one, and reports, with the parameters before it, the schedule's end log-SNRs, the examples
+    whose loss is non-finite and their times t, the parameters whose gradient is non-finite,
+    and the largest |parameter|. Suggests a lower learning rate only when the parameters
+    themselves have diverged or the loss is finite and the update overflows."""
+    step_fn = functools.partial(train_step, objective=setup.objective, optimizer=optimizer, optim=optim)
+    replay = jax.jit(jax.vmap(step_fn, axis_name=AXIS))
+    state = jax.device_get(state)
+    k = next(iter(batches.values())).shape[1]
+    for j in range(k):
+        batch = {key: v[:, j] for key, v in batches.items()}
+        new_state, metrics = replay(state, batch)
+        if not _all_finite(jax.device_get(metrics)):
+            break
+        state = new_state
+    step = first_step + j
+    x = batch["x"]
+
+    def probe(params, x, loss_state):
+        key, index = update_key_and_index(state.rng[0], step, x.shape[0], optim.accum_steps)
+        per_example = lambda p: setup.objective.loss(p, key, index, x, loss_state, True)
+        (values, aux) = per_example(params)
+        grads = jax.grad(lambda p: per_example(p)[0].mean())(params)
+        return values, aux["t"], grads
+
+    values, t, grads = jax.device_get(jax.jit(jax.vmap(probe, axis_name=AXIS))(state.params, x, state.loss_state))
+    values, t = values.reshape(-1), t.reshape(-1)
+    params = jax.tree.map(lambda a: a[0], state.params)
+    lines = [f"non-finite {'loss' if not np.isfinite(metrics['loss']).all() else 'gradient'} at step {step + 1}"]
+    ends = schedule_endpoints(setup.process, params)
+    bad_ends = {n: v for n, v in ends.items() if not math.isfinite(v)}
+    lines.append("schedule log-SNR at the ends: " + ", ".join(f"{n}: {v:.4g}" for n, v in ends.items()))
+    bad = ~np.isfinite(values)
+    if bad.any():
+        lines.append(f"loss non-finite for {int(bad.sum())} of {len(values)} examples, at t in "
+                     f"[{t[bad].min():.4g}, {t[bad].max():.4g}] (the batch's t span "
+                     f"[{t.min():.4g}, {t.max():.4g}])")
+    else:
+        lines.append(f"loss finite for all {len(values)} examples (t in [{t.min():.4g}, {t.max():.4g}])")
+    bad_grads = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+                 if not np.isfinite(g).all()]
+    if bad_grads:
+        lines.append(f"gradient non-finite in {len(bad_grads)} parameter(s): {', '.join(bad_grads[:5])}"
+                     + (" ..." if len(bad_grads) > 5 else ""))
+    largest = max(float(np.abs(a).max()) for a in jax.tree.leaves(params))
+    lines.append(f"largest |parameter| before the step: {largest:.3g}")
+    if bad_ends:
+        lines.append(f"cause: the schedule's log-SNR is not finite at {', '.join(bad_ends)}; use a schedule "
+                     "(config.diffusion.schedule / schedule_kwargs) with finite ends")
+    elif largest > 1e4 or not (bad.any() or bad_grads):
+        lines.append("cause: the parameters diverged; lower optim.lr or set optim.grad_clip")
+    return "; ".join(lines)
+
+
 class _Log:
     """Process 0's outputs: clu metric writer (TensorBoard + logging), metrics.jsonl, console."""
 
@@ -597,15 +702,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tick, tick_step = time.time(), step
     while step < train.num_steps:
         batches = _stack_steps([train_ds.get_batch(step + j) for j in range(k)])
-        state, metrics = p_train(state, batches)
+        last_state, (state, metrics) = state, p_train(state, batches)
         metrics = jax.tree.map(lambda v: np.asarray(v[0]), jax.device_get(metrics))
         if not _all_finite(metrics):
             manager.wait_until_finished()
             raise FloatingPointError(
-                f"non-finite loss or gradient at steps {step + 1}..{step + k}: "
+                f"non-finite loss or gradient in steps {step + 1}..{step + k}: "
                 f"loss={metrics['loss'].tolist()}, grad_norm={metrics['grad_norm'].tolist()}. "
-                f"Stopped without saving; the last good checkpoint is step {manager.latest_step()} "
-                f"in {manager.directory}. Lower optim.lr or set optim.grad_clip.")
+                + diagnose_non_finite(setup, optimizer, optim, last_state, batches, step)
+                + f". Stopped without saving; the last good checkpoint is step {manager.latest_step()} "
+                f"in {manager.directory}.")
         step += k
         done = step == train.num_steps
         if step % train.log_every == 0 or done:
@@ -623,9 +729,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
             if chief and config.sample.num_samples > 0:
                 samples = setup.sample(unreplicate(state.ema_params), jax.random.fold_in(sample_rng, step))
-                path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"),
-                                     np.asarray(samples))
-                log.console(f"samples written to {path}")
+                samples = np.asarray(samples)
+                path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), samples)
+                bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
+                log.console(f"samples written to {path}"
+                            + (f" ({bad} of {len(samples)} samples not finite, left out)" if bad else ""))
             tick = time.time()  # do not count evaluation in steps/s
         if step % train.checkpoint_every == 0 or done:
             manager.save(step, args=ocp.args.StandardSave(unreplicate(state)))
