@@ -10,7 +10,7 @@ or is refused by ``config.validate`` with a message naming the field.
   checkpoint, evaluation, samples); every pair no valid row was found for appears in a row
   that validation must refuse, naming the field. Never an exception from inside the loop.
 
-All runs go through one worker process (compiles at a low XLA optimisation level).
+All runs go through two worker processes (compiles at a low XLA optimisation level).
 """
 import json
 import os
@@ -96,7 +96,7 @@ def _valid(row: dict) -> bool:
 def repair(row: dict, fixed: set, rng) -> dict:
     """Change the factors not in ``fixed`` that make a random row invalid for a known reason
     (continuous time trains the VDM loss with a fixed variance; the simple loss does not
-    train a variance; the image options want few image rows), so most candidates run."""
+    train a variance), so most candidates run."""
     free = lambda n: n not in fixed
     continuous = row["process"].startswith("continuous")
     if continuous:
@@ -113,9 +113,6 @@ def repair(row: dict, fixed: set, rng) -> dict:
             row["variance"] = rng.choice(("fixed_small", "fixed_large"))
         elif free("loss") and not continuous:
             row["loss"] = rng.choice(("hybrid", "vlb"))
-    for n in ("dequantize", "random_flip"):
-        if free(n) and rng.random() < 0.7:
-            row[n] = False
     return row
 
 
@@ -124,25 +121,15 @@ def _pairs(row: dict):
     return {(a, row[a], b, row[b]) for i, a in enumerate(names) for b in names[i + 1:]}
 
 
-def pairwise_rows(seed: int = 0, candidates: int = 60, tries: int = 50):
-    """(running rows, refused rows): a greedy pairwise covering (AETG-style). Each new row is
-    the valid candidate, among ``candidates`` random completions of uncovered pairs, that
-    covers the most uncovered pairs. A pair with no valid completion in ``tries`` random
-    draws gets one row of its own, which validation must refuse."""
-    rng = random.Random(seed)
-    uncovered = set()
-    names = list(FACTORS)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            uncovered |= {(a, va, b, vb) for va in FACTORS[a] for vb in FACTORS[b]}
+IMAGE_OPTIONS = ("dequantize", "random_flip")
+
+
+def _greedy(uncovered: set, completion, candidates: int, tries: int, rng):
+    """(running rows, refused rows) covering ``uncovered`` (AETG-style): each new row is the valid
+    candidate, among ``candidates`` completions of uncovered pairs, covering the most uncovered
+    pairs; a pair with no valid completion in ``tries`` draws gets a row of its own, which
+    validation must refuse."""
     rows, refused = [], []
-
-    def completion(pair):
-        a, va, b, vb = pair
-        row = {n: rng.choice(v) for n, v in FACTORS.items()}
-        row[a], row[b] = va, vb
-        return repair(row, {a, b}, rng)
-
     while uncovered:
         best, gain = None, 0
         for pair in rng.sample(sorted(uncovered, key=repr), min(candidates, len(uncovered))):
@@ -167,11 +154,36 @@ def pairwise_rows(seed: int = 0, candidates: int = 60, tries: int = 50):
     return rows, refused
 
 
+def pairwise_rows(seed: int = 0, candidates: int = 60, tries: int = 50):
+    """(running rows, refused rows) covering every pair of values of two factors. The image
+    options (``IMAGE_OPTIONS``: only 8-bit images have them, and image rows compile a UNet) are
+    covered last, by rows that turn both on unless their pair says otherwise: the other pairs
+    are covered by toy-data rows first."""
+    rng = random.Random(seed)
+    names = list(FACTORS)
+    pairs = {(a, va, b, vb) for i, a in enumerate(names) for b in names[i + 1:]
+             for va in FACTORS[a] for vb in FACTORS[b]}
+
+    def completion(pair, images):
+        a, va, b, vb = pair
+        row = {n: rng.choice(v) for n, v in FACTORS.items()}
+        row.update({n: images for n in IMAGE_OPTIONS})
+        row[a], row[b] = va, vb
+        return repair(row, {a, b}, rng)
+
+    toy_pairs = {p for p in pairs if not (p[0] in IMAGE_OPTIONS and p[1]) and not (p[2] in IMAGE_OPTIONS and p[3])}
+    rows, refused = _greedy(toy_pairs, lambda p: completion(p, False), candidates, tries, rng)
+    rest = pairs - set().union(*(_pairs(r) for r in rows + refused))
+    more, more_refused = _greedy(rest, lambda p: completion(p, True), candidates, tries, rng)
+    return rows + more, refused + more_refused
+
+
 def _row_name(row):
     return "-".join(str(v).replace("/", ":") for v in row.values())
 
 
 RUNNING, REFUSED = pairwise_rows()
+WORKERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +198,22 @@ def results(tmp_path_factory):
         overrides = {k: v for k, v in matrix_overrides(row).items() if v is not None}
         runs.append({"name": _row_name(row), "config": "matrix", "overrides": overrides, "resume": False,
                      "delete": [k for k, v in matrix_overrides(row).items() if v is None]})
-    with open(root / "runs.json", "w") as f:
-        json.dump(runs, f)
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "config_worker.py"), str(root / "runs.json"),
-                           str(root / "results.json"), str(root / "work")], env=env, capture_output=True,
-                          text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(root / "results.json") as f:
-        return json.load(f)
+    procs = []
+    for i in range(WORKERS):  # compiles are single-threaded: one worker per core
+        with open(root / f"runs_{i}.json", "w") as f:
+            json.dump(runs[i::WORKERS], f)
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "config_worker.py"),
+                                       str(root / f"runs_{i}.json"), str(root / f"results_{i}.json"),
+                                       str(root / "work")], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    results = {}
+    for i, proc in enumerate(procs):
+        err = proc.communicate(timeout=1800)[1]
+        assert proc.returncode == 0, err[-3000:]
+        with open(root / f"results_{i}.json") as f:
+            results.update(json.load(f))
+    return results
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

@@ -79,6 +79,27 @@ def test_preset_output_shape(name):
         assert out.shape == x.shape[:-1] + (x.shape[-1] * (2 if learned else 1),) and out.dtype == jnp.float32
 
 
+# One preset per network class (the other UNet presets differ in widths and levels only).
+@pytest.mark.parametrize("name", ["digits_unet", "vdm_cifar10", "toy_mlp", "seed003_per_step_heads",
+                                  "seed002_mean_var_nets"])
+def test_preset_conditions_on_its_own_example_and_time(name):
+    """A real forward pass (random parameters): example i's output depends on x_i and t_i only.
+    Changing example 0's input or time changes its output and leaves the others' unchanged
+    (no mixing across the batch, e.g. through a norm over the batch axis)."""
+    config, data_shape = small_preset(name)
+    model = build_model(config, data_shape, learned_variance=name == "seed002_mean_var_nets")
+    x, t = inputs(data_shape, name)
+    params = random_params(model, x, t)
+    apply = jax.jit(lambda x, t: model.apply(params, x, t))
+    out = np.asarray(apply(x, t))
+    x2 = x.at[0].multiply(-0.5)
+    t2 = t.at[0].set(t[3] if name == "seed003_per_step_heads" else 0.9 - t[0])
+    for changed in (np.asarray(apply(x2, t)), np.asarray(apply(x, t2))):
+        assert np.all(np.isfinite(changed))
+        assert np.abs(changed[0] - out[0]).max() > 1e-4
+        np.testing.assert_allclose(changed[1:], out[1:], rtol=1e-5, atol=1e-5)
+
+
 def test_ddpm_cifar10_has_35_7m_parameters():
     """Ho et al. 2020 report 35.7M parameters for their CIFAR-10 model."""
     model = build_model(presets.ddpm_cifar10(), (32, 32, 3))
