@@ -5,7 +5,9 @@
 
 The seed's starter UNet (dim 64, mults 1,2,4,8), T = 1000, L1 loss, 250
 accelerated sampling steps, gradient accumulation over 2 batches, EMA
-0.995, lr 8e-5; --config.model.dtype=bfloat16 for mixed precision.
+0.995, lr 8e-5; --config.model.dtype=bfloat16 for mixed precision. Every
+file is decoded once at start: unreadable ones stop the run with their
+names, or are skipped with --config.data.skip_bad_files=True.
 Expected: on one GPU, blurry shapes after ~10k steps and
 recognisable images of a few thousand-image folder after ~100k.
 """

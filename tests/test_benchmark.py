@@ -82,3 +82,19 @@ def test_bad_arguments_are_refused(bench):
         bench.parse_args(["--only", "limits,bogus"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--sizes", "huge"])
+
+
+def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):
+    """benchmark.main() end to end with every flag, on a tiny UNet size added for the test:
+    each section writes its timing records to the JSON and a row to the table."""
+    monkeypatch.setitem(bench.UNET_SIZES, "tiny", (32, (1, 2), 2))  # 32 channels: 32 GroupNorm groups
+    out = tmp_path / "bench.json"
+    results = bench.main(["--dtype=float32", "--repeats=1", "--only=limits,train,sample,elbo", "--sizes=tiny",
+                          "--train-batch=2", "--steps-per-call=2", "--samplers=ddim", "--sample-steps=2",
+                          "--compile-steps=3", "--elbo-sizes=tiny", "--elbo-batch=1", "--elbo-chunk=250",
+                          "--matmul-size=32", f"--json={out}"])
+    saved = json.load(open(out))
+    assert saved["unet"]["tiny"].keys() == results["unet"]["tiny"].keys() >= {"num_params", "train", "forward",
+                                                                              "samplers", "elbo"}
+    assert set(saved["unet"]["tiny"]["samplers"]) == {"ddim"} and set(saved["limits"]) == {"matmul", "conv"}
+    assert saved["repeats"] == 1 and saved["dtype"] == "float32"

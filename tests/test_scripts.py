@@ -51,7 +51,8 @@ def test_sample_writes_samples_grid_and_gif(digits_workdir, tmp_path):
     import numpy as np
     from PIL import Image
 
-    args = [f"--workdir={digits_workdir}", "--sampler=ddim", "--num_steps=5", "--num_samples=6", "--frames=3"]
+    args = [f"--workdir={digits_workdir}", "--sampler=ddim", "--num_steps=5", "--num_samples=6", "--frames=3",
+            "--eta=0.0"]
     r = _run("sample.py", *args, f"--out={tmp_path / 'a'}")
     assert r.returncode == 0, r.stderr[-3000:]
     out = np.load(tmp_path / "a" / "samples.npz")
@@ -65,6 +66,12 @@ def test_sample_writes_samples_grid_and_gif(digits_workdir, tmp_path):
     assert Image.open(tmp_path / "a" / "grid.png").size[0] >= 32
     r = _run("sample.py", *args, f"--out={tmp_path / 'b'}")  # same seed, same samples
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "samples.npz")["samples"], samples)
+    # The raw parameters of step 10, another seed, stochastic DDIM on leading steps, no clipping.
+    r = _run("sample.py", *args, "--step=10", "--raw_params", "--seed=1", "--spacing=leading", "--clip_x0=false",
+             "--option=eta=1.0", f"--out={tmp_path / 'c'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    other = np.load(tmp_path / "c" / "samples.npz")
+    assert other["samples"].shape == samples.shape and not np.allclose(other["samples"], samples)
 
 
 def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
@@ -86,6 +93,27 @@ def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
     assert "FID skipped" in r.stdout and "total" in r.stdout
 
 
+def test_evaluate_split_checkpoint_and_sampler_flags(digits_workdir, tmp_path):
+    """The raw parameters of a given step on the train split, batch size, chunk and seed given,
+    and stochastic DDIM samples: the JSON records what was asked for."""
+    out = str(tmp_path / "eval.json")
+    r = _run("evaluate.py", f"--workdir={digits_workdir}", "--split=train", "--batch_size=32", "--max_batches=1",
+             "--elbo=exact", "--chunk=10", "--step=10", "--raw_params", "--seed=3", "--sample_metrics",
+             "--sampler=ddim", "--eta=0.5", "--sampling_steps=5", "--num_generated=8", "--classifier_steps=5",
+             f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    assert (res["split"], res["checkpoint_step"], res["params"]) == ("train", 10, "raw")
+    assert res["elbo"]["exact"]["num_examples"] == 32
+    assert res["samples"][0]["sampler"] == "ddim" and res["samples"][0]["steps"] == 5
+
+
+def test_sampler_accuracy_prints_the_monte_carlo_floor():
+    r = _run("sampler_accuracy.py", "--n=200", "--dims", "1", "--only=no such row")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "1-D mixture, N=200" in r.stdout and "exact samples (MC floor)" in r.stdout
+
+
 def test_evaluate_rejects_bad_flags(digits_workdir):
     r = _run("evaluate.py", f"--workdir={digits_workdir}", "--elbo=exactly")
     assert r.returncode != 0 and "--elbo='exactly'" in r.stderr
@@ -96,7 +124,7 @@ def test_evaluate_rejects_bad_flags(digits_workdir):
 def test_ablate_grid_table_and_skip(tmp_path):
     workdir = str(tmp_path / "ablation")
     args = ["--config=configs/digits.py", f"--workdir={workdir}", "--grid=parameterization=eps,v",
-            "--steps=5", "--elbo=exact,mc", "--num_generated=8", "--eval_flag=--max_batches=1",
+            "--steps=5", "--elbo=exact,mc", "--num_generated=8", "--parallel=2", "--eval_flag=--max_batches=1",
             "--eval_flag=--num_samples=2", "--eval_flag=--classifier_steps=5", *TINY_FLAGS]
     r = _run("ablate.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]

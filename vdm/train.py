@@ -289,9 +289,9 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
             u = (low_discrepancy_times(key, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             total, metrics = losses.vdm_loss(model_fn(params, k_drop, train),
-                                       lambda t: process.log_snr(params, t), k_drop, x,
-                                       u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
-                                       **common)
+                                             lambda t: process.log_snr(params, t), k_drop, x,
+                                             u=u, eps=example_normal(k_eps, x),
+                                             eps_0=example_normal(k_eps0, x), **common)
             return total, metrics["t"]
 
         def loss(params, key, index, x, loss_state, train):
