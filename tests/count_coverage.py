@@ -78,6 +78,7 @@ def config_coverage(runs_root: str) -> dict:
     changed, used = set(), {}
     for run in runs:
         base = dict(default, **model_defaults.get(run.get("model.name"), {}))
+        base["model.name"] = default["model.name"]
         for k, v in run.items():
             used.setdefault(k, set()).add(repr(_norm(v)))
             if k not in base or _norm(base[k]) != _norm(v):
