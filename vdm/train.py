@@ -583,7 +583,8 @@ def diagnose_non_finite(setup: Setup, optimizer, optim, state: TrainState, batch
     one, and reports, with the parameters before it, the schedule's end log-SNRs, the examples
     whose loss is non-finite and their times t, the parameters whose gradient is non-finite,
     and the largest |parameter|. Suggests a lower learning rate only when the parameters
-    themselves have diverged or the loss is finite and the update overflows."""
+    themselves have diverged or the loss is finite and the update overflows. With several
+    processes the replay sees this process's devices and examples only (an approximation)."""
     step_fn = functools.partial(train_step, objective=setup.objective, optimizer=optimizer, optim=optim)
     replay = jax.jit(jax.vmap(step_fn, axis_name=AXIS))
     state = jax.device_get(state)
