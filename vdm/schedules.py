@@ -180,6 +180,27 @@ def discrete_schedule(name: str, T: int, **kwargs) -> DiscreteSchedule:
     return DiscreteSchedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 
 
+class ReverseStepTables(NamedTuple):
+    """The step t -> t - 1 read from a discrete schedule's float64-derived tables (each [B]):
+    q(x_{t-1} | x_t, x_0) has mean coef_x0 x_0 + coef_xt x_t (Ho et al. eq. 7), and
+    (log_var_min, log_var_max) are improved-diffusion's learned_range bounds
+    (posterior_log_variance_clipped, log betas); see diffusion.reverse_log_variance_bounds."""
+
+    coef_x0: jax.Array
+    coef_xt: jax.Array
+    log_var_min: jax.Array
+    log_var_max: jax.Array
+
+
+def reverse_step_tables(schedule: DiscreteSchedule, t) -> ReverseStepTables:
+    """``ReverseStepTables`` at integer timesteps t (1..T). Each entry is the float64 value
+    rounded once to float32 (the log of a float32 beta adds one more rounding), so the step is
+    exact to float32 rounding; the same values rebuilt from float32 log-SNR differences carry
+    relative errors up to ~1e-4."""
+    return ReverseStepTables(schedule.posterior_mean_coef_x0[t], schedule.posterior_mean_coef_xt[t],
+                             schedule.posterior_log_variance_clipped[t], jnp.log(schedule.betas[t]))
+
+
 def check_timesteps(t, T: int, name: str = "t") -> None:
     """Raise ValueError if concrete integer timesteps are off the grid 1..T.
 
