@@ -593,6 +593,12 @@ def test_bad_arguments_raise_value_error_naming_them():
         losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 1)
     with pytest.raises(ValueError, match="importance"):
         losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4, importance=jnp.ones(9))
+    zero_at_one = np.concatenate([[0.0], np.ones(sch.T - 1)])
+    with pytest.raises(ValueError, match="positive at every t"):
+        losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4, importance=zero_at_one)
+    traced = jax.jit(lambda p: losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4,
+                                                       importance=p)["total"])(zero_at_one)
+    assert np.all(np.isnan(traced))
     with pytest.raises(ValueError, match="chunk"):
         losses.discrete_elbo(model, jax.random.PRNGKey(0), x0, sch, chunk=0)
     with pytest.raises(ValueError, match=r"T must be 0 \(continuous time\)"):
@@ -694,3 +700,29 @@ def test_reverse_step_tables_are_exact_to_float32(name, T):
                                            tables=tab)
     want = ref["coef1"][:, None] * x0 + ref["coef2"][:, None] * x_t
     np.testing.assert_allclose(mean, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", schedules.CONTINUOUS_SCHEDULES)
+def test_vdm_loss_is_finite_for_every_schedule_decoder_and_parameterization(name):
+    """Every continuous schedule has finite log-SNR ends (vp_linear from score_sde's t_min = 1e-5),
+    so vdm_loss, whose decoder sits at t = 0 and prior at t = 1, has a finite value and gradient
+    for every decoder and parameterization, in continuous time and its T-step form."""
+    fn = schedules.continuous_schedule(name)
+    rng = np.random.default_rng(14)
+    x0 = jnp.asarray(rng.integers(0, 256, (4, 5)) / 127.5 - 1, jnp.float32)
+    u = jnp.array([0.0, 1e-6, 0.5, 1.0 - 1e-7])  # both ends included
+
+    @jax.jit
+    def run(w):
+        out = {}
+        for dec in losses.VDM_DECODERS:
+            for param in diffusion.PARAMETERIZATIONS:
+                for T in (0, 10):
+                    f = lambda w_: losses.vdm_loss(lambda z, t: jnp.tanh(w_ * z + t[:, None]), fn,
+                                                   jax.random.PRNGKey(0), x0, T=T, u=u,
+                                                   parameterization=param, decoder=dec)[0].sum()
+                    out[dec, param, T] = jax.value_and_grad(f)(w)
+        return out
+
+    for k, (v, g) in run(jnp.float32(0.3)).items():
+        assert np.isfinite(v) and np.isfinite(g), (name, k, v, g)

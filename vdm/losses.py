@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 
 from vdm import diffusion
@@ -515,7 +516,8 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
     timesteps per example: prior + mean_k L_{t_k - 1} / p(t_k), t_k ~ p.
 
     p is uniform (importance=None) or the given probabilities over t = 1..T, shape [T]
-    (e.g. ``loss_history_probs``; Nichol & Dhariwal §3.3). Returns a dict of total [B]
+    (e.g. ``loss_history_probs``; Nichol & Dhariwal §3.3), positive everywhere: a zero
+    probability is a ValueError (traced probabilities with a zero give a NaN total). Returns a dict of total [B]
     (the estimate), stderr [B] (its standard error over the samples), prior [B] and
     samples [num_samples, B] (the per-sample estimates of sum_t L_{t-1}).
     """
@@ -531,6 +533,10 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
         if p.shape != (T,):
             raise ValueError(f"importance must be probabilities over t = 1..T, shape ({T},), "
                              f"got {p.shape}")
+        if not isinstance(importance, jax.core.Tracer) and not np.all(np.asarray(importance) > 0):
+            raise ValueError("importance must be positive at every t = 1..T (a zero leaves those "
+                             "terms out of the estimate and biases it); mix in a uniform "
+                             "distribution as loss_history_probs does")
         p = p / jnp.sum(p)
 
     def one(k):
@@ -544,7 +550,8 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
     samples = jax.lax.map(one, jax.random.split(key, num_samples))  # [num_samples, B]
     prior = prior_kl(x0, schedule.log_snr[T])
     stderr = jnp.std(samples, axis=0, ddof=1) / math.sqrt(num_samples)
-    return dict(total=prior + jnp.mean(samples, axis=0), stderr=stderr, prior=prior,
+    total = jnp.where(jnp.all(p > 0), prior + jnp.mean(samples, axis=0), jnp.nan)
+    return dict(total=total, stderr=stderr, prior=prior,
                 samples=samples)
 
 

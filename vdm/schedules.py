@@ -241,13 +241,19 @@ def cosine_log_snr(t, log_snr_min: float = -20.0, log_snr_max: float = 20.0):
                      2.0 * jnp.log(jnp.tan(theta_c)))
 
 
-def vp_linear_log_snr(t, beta_min: float = 0.1, beta_max: float = 20.0):
-    """Song et al. 2021 VP-SDE with beta(t) linear from beta_min to beta_max.
+def vp_linear_log_snr(t, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
+    """Song et al. 2021 VP-SDE with beta(tau) linear from beta_min to beta_max, on tau in [t_min, 1].
 
-    alpha_t^2 = exp(-B(t)), B(t) = beta_min t + (beta_max - beta_min) t^2 / 2, so
-    log_snr = -log(expm1(B(t))); log_snr(0) = +inf (use t >= 1e-5 as Song et al.).
+    alpha^2 = exp(-B(tau)), B(tau) = beta_min tau + (beta_max - beta_min) tau^2 / 2, so
+    log_snr = -log(expm1(B(tau))), with tau = t_min + (1 - t_min) t for t in [0, 1]. The SDE's
+    log-SNR is +inf at tau = 0; score_sde integrates from eps = 1e-5 (its likelihood and
+    samplers' smallest time), which ``t_min`` makes t = 0 of this schedule: log_snr(0) =
+    -log(expm1(B(1e-5))) ~ 13.8, a finite data end for the decoder of ``vdm_loss``.
     """
-    B = beta_min * t + 0.5 * (beta_max - beta_min) * t ** 2
+    if not 0.0 < t_min < 1.0:
+        raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
+    tau = t_min + (1.0 - t_min) * t
+    B = beta_min * tau + 0.5 * (beta_max - beta_min) * tau ** 2
     return -jnp.log(jnp.expm1(B))
 
 

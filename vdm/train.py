@@ -249,15 +249,18 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                              dropout_key=key if train else None)
 
     def split(key, index):
-        """Per-example keys for (t, eps, eps_0) and one device key for dropout."""
-        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
-        return keys[:, 0], keys[:, 1], keys[:, 2], jax.random.fold_in(keys[0, 0], 1)
+        """Per-example keys for (t, eps, eps_0), the antithetic time offset's key and this
+        device's dropout key, from three separate streams of the step's key (no key is both
+        split and drawn from)."""
+        k_examples, k_offset, k_drop = jax.random.split(key, 3)
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(k_examples, index))
+        return keys[:, 0], keys[:, 1], keys[:, 2], k_offset, jax.random.fold_in(k_drop, index[0])
 
     if process.discrete:
         common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
 
         def loss(params, key, index, x, loss_state, train):
-            k_t, k_eps, _, k_drop = split(key, index)
+            k_t, k_eps, _, _, k_drop = split(key, index)
             if importance:
                 t, w = jax.vmap(lambda k: losses.loss_history_sample(loss_state, k, 1))(k_t)
                 t, w = t[:, 0], w[:, 0]
@@ -282,8 +285,8 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
         common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
 
         def vdm_nats(params, key, index, x, train):
-            k_t, k_eps, k_eps0, k_drop = split(key, index)
-            u = (low_discrepancy_times(key, index) if lc.antithetic
+            k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
+            u = (low_discrepancy_times(k_offset, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             total, _ = losses.vdm_loss(model_fn(params, k_drop, train),
                                        lambda t: process.log_snr(params, t), k_drop, x,
