@@ -209,7 +209,7 @@ def main(argv):
         r = evaluate.negative_elbo(terms_fn, params, evaluate.epoch_batches(dataset, batch_size),
                                    jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
                                    log_prob_fn=dataset.log_prob, max_batches=_MAX_BATCHES.value or None,
-                                   method=label)
+                                   method=label, dequantized=images and config.data.dequantize)
         result["elbo"][m] = r
         print(evaluate.format_table(r), end="\n\n")
     if len(result["elbo"]) == 2:

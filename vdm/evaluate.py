@@ -284,9 +284,12 @@ def vdm_elbo_terms(model_fn_of: Callable, log_snr_fn: Callable, num_samples: int
     return terms_fn
 
 
+UNIT_DEQUANTIZED = "bits/dim, 8-bit scale (dequantized density + log2(127.5))"
+
+
 def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dims: int | None = None,
                   log_prob_fn: Callable | None = None, max_batches: int | None = None,
-                  method: str = "") -> dict:
+                  method: str = "", dequantized: bool = False) -> dict:
     """The negative ELBO averaged over every example of ``batches``, with standard errors.
 
     ``terms_fn(params, key, x) -> dict`` gives per-example terms in nats,
@@ -305,10 +308,17 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
     reported too. The standard errors are those of the mean over examples
     (std / sqrt(N)); they include the Monte-Carlo noise of the bound.
 
+    ``dequantized`` (8-bit images fed as uniformly dequantized data, ``data.dequantize``):
+    the terms are a density's; ``total`` and ``decoder`` get D log(127.5) nats
+    (``losses.dequantized_nats``), so the total is a bound in bits/dim on the 8-bit scale,
+    comparable with a discrete decoder's, and the unit says so.
+
     Returns {"unit", "num_examples", "method", "terms": {name: {"mean", "stderr"}}}.
     """
     if num_dims is not None and (not isinstance(num_dims, int) or num_dims < 1):
         raise ValueError(f"num_dims must be a positive integer or None, got {num_dims!r}")
+    if dequantized and num_dims is None:
+        raise ValueError("dequantized needs num_dims (8-bit images)")
     jitted = jax.jit(terms_fn)
     moments = _Moments()
     for i, batch in enumerate(batches):
@@ -319,6 +329,10 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
         if "total" not in terms:
             raise ValueError(f"terms_fn must return a dict with a 'total' entry, got keys {sorted(terms)}")
         values = {k: np.asarray(terms[k], np.float64) for k in ELBO_TERMS if k in terms}
+        if dequantized:
+            for k in ("total", "decoder"):
+                if k in values:
+                    values[k] = losses.dequantized_nats(values[k], num_dims)
         if log_prob_fn is not None:
             values["exact_nll"] = -np.asarray(log_prob_fn(x), np.float64)
             values["gap"] = values["total"] - values["exact_nll"]
@@ -331,7 +345,7 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
         raise ValueError("batches yielded no data")
     order = [k for k in ELBO_TERMS + ("exact_nll", "gap") if k in moments.n]
     return {
-        "unit": "bits/dim" if num_dims else "nats",
+        "unit": (UNIT_DEQUANTIZED if dequantized else "bits/dim") if num_dims else "nats",
         "num_examples": moments.n["total"],
         "method": method,
         "terms": {k: moments.summary(k) for k in order},

@@ -69,6 +69,19 @@ def bits_per_dim(nats, num_dims: int):
     return nats / (num_dims * math.log(2.0))
 
 
+def dequantized_nats(density_nats, num_dims: int, bin_width: float = BIN_WIDTH_8BIT):
+    """A bound on -log P(k) of 8-bit data from -log p(x) of a density on uniformly dequantized
+    data x = k + u (u uniform over the bin of width ``bin_width``): by Jensen (Theis et al. 2016;
+    Ho et al. 2020 §4.2, Song et al. 2021 App. D.2 add the same constant),
+
+      -log P(k) <= E_u[-log p(k + u)] - D log(bin_width),
+
+    i.e. + D log(127.5) nats for data in [-1, 1] with bin width 2/255. Returns nats."""
+    if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return density_nats - num_dims * math.log(bin_width)
+
+
 # ---------------------------------------------------------------------------
 # Gaussian KL and the prior term.
 # ---------------------------------------------------------------------------
