@@ -43,9 +43,12 @@ def test_ode_likelihood_of_the_1d_mixture_matches_the_true_density():
     assert np.all(np.diff(err) < 0) and err[-1] < 0.01, err
 
 
+MIX2 = exact.gaussian_mixture([0.5, 0.5], np.array([[-5.0, 0.0], [5.0, 0.0]]) / math.sqrt(26),
+                              np.array([[1 / 26, 1.0], [1 / 26, 1.0]]))  # gaussians2d, standardized
+
+
 def test_ode_likelihood_of_the_2d_mixture_and_hutchinson_agrees_with_the_exact_divergence():
-    means = np.array([[-5.0, 0.0], [5.0, 0.0]]) / math.sqrt(26)
-    mix = exact.gaussian_mixture([0.5, 0.5], means, np.array([1 / 26, 1.0]))  # seed 002's gaussians2d
+    mix = MIX2
     x = exact.sample(jax.random.PRNGKey(2), mix, 200)
     cos = schedules.continuous_schedule("cosine")
     model = exact.model_fn(mix, "eps", log_snr_fn=cos)
@@ -63,9 +66,9 @@ def test_ode_likelihood_of_the_2d_mixture_and_hutchinson_agrees_with_the_exact_d
 
 def test_mixture_fixtures_are_the_toy_data():
     """The mixtures above are toy_data's mixture1d and gaussians2d (their log-densities agree)."""
-    for name, mix, dim in [("mixture1d", MIX1, 1)]:
-        x = np.linspace(-6, 6, 7)[:, None]
-        np.testing.assert_allclose(toy_data.TOY_DISTRIBUTIONS[name].log_prob(x), _log_density(mix, x), rtol=1e-6)
+    for name, mix, dim in [("mixture1d", MIX1, 1), ("gaussians2d", MIX2, 2)]:
+        x = np.linspace(-6, 6, 14).reshape(-1, dim)
+        np.testing.assert_allclose(toy_data.get(name).log_prob(x), _log_density(mix, x), rtol=1e-6)
 
 
 def test_dequantized_bits_per_dim_and_bad_arguments():

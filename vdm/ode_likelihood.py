@@ -17,10 +17,11 @@ variables), so from the data end lambda_max to the prior end lambda_min
 
 Conventions (score_sde's ``likelihood.py``): the data point is the ODE state at the
 first (least noisy) level of the grid, the prior is N(0, I) at the last, and the result
-is log p of the model's marginal at the first level. Divergence: exact (D Jacobian-vector
-products; toy data and tests) or Hutchinson's estimator z^T (d eps_hat / dx) z with a fixed
+is log p of the model's marginal at the first level. Divergence: exact (the trace from D
+basis vectors; toy data and tests) or Hutchinson's estimator z^T (d eps_hat / dx) z with a fixed
 probe z per trajectory (Rademacher or Gaussian), averaged over ``num_probes`` probes, whose
-spread gives the standard error. score_sde integrates with adaptive RK45 from t = eps = 1e-5;
+spread gives the standard error; both from vector-Jacobian products (one linearization per
+evaluation, applied to every probe). score_sde integrates with adaptive RK45 from t = eps = 1e-5;
 here a fixed grid with Heun's method (second order; its error falls as steps^-2) runs in one
 ``lax.scan`` in float32 whatever the network's dtype.
 
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import losses
+from vdm import diffusion, losses
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -80,14 +81,19 @@ def _sum_dims(a):
     return jnp.sum(a, axis=tuple(range(1, a.ndim)))
 
 
-def _divergence_terms(eps_fn, x, t, lam, probes):
-    """(v [B, ...], div v [P, B]): exact when ``probes`` is the identity basis [D, B, ...] summed
-    (caller), else one Hutchinson estimate per probe z: div v ~ (sigma^2 D - sigma z.J z) / 2."""
+def _divergence_terms(model_fn, parameterization, x, t, lam, probes):
+    """(v, z^T J z [P, B], sigma^2 D / 2, sigma) with J = d eps_hat / dx, one row per probe z
+    (the D basis vectors for the exact trace); div v = sigma^2 D / 2 - sigma z^T J z / 2."""
     sigma2 = jax.nn.sigmoid(-lam)
-    f = lambda y: eps_fn(y, jnp.broadcast_to(t, y.shape[:1])).astype(jnp.float32)
-    eps, jz = jax.vmap(lambda z: jax.jvp(f, (x,), (z,)), out_axes=(None, 0))(probes)
+
+    def f(y):
+        out = model_fn(y, jnp.broadcast_to(t, y.shape[:1])).astype(jnp.float32)
+        return diffusion.x0_eps_from_output(out, y, lam, parameterization)[1]
+
+    eps, vjp = jax.vjp(f, x)  # reverse mode (as score_sde): also works through custom_vjp layers
+    zj = jax.vmap(lambda z: vjp(z)[0])(probes)                                # z^T J per probe
     v = 0.5 * (sigma2 * x - jnp.sqrt(sigma2) * eps)
-    quad = jax.vmap(lambda z, j: _sum_dims(z * j))(probes, jz)               # z^T J z, [P, B]
+    quad = jax.vmap(lambda z, j: _sum_dims(z * j))(probes, zj)                # z^T J z, [P, B]
     D = math.prod(x.shape[1:])
     return v, quad, 0.5 * sigma2 * D, jnp.sqrt(sigma2)
 
@@ -104,13 +110,13 @@ def _probes(key, x, divergence, num_probes, probe):
     return jax.random.normal(key, shape, jnp.float32)
 
 
-def ode_log_likelihood(eps_fn: Callable, x, times, log_snr, key=None, *, divergence: str = "exact",
-                       num_probes: int = 1, probe: str = "rademacher") -> dict:
+def ode_log_likelihood(model_fn: Callable, x, times, log_snr, key=None, *, parameterization: str = "eps",
+                       divergence: str = "exact", num_probes: int = 1, probe: str = "rademacher") -> dict:
     """log p(x) of the model's marginal at the grid's first level, from the probability-flow ODE
     (see the module docstring), integrated with Heun's method over the grid, in nats per example.
 
-    ``eps_fn(x, t) -> eps_hat`` is the model in the eps parameterization (x [B, ...], t [B] the
-    model's own time); ``times`` [N + 1] the model times of the grid and ``log_snr`` [N + 1] their
+    ``model_fn(x, t) -> output`` is the model in ``parameterization`` (x [B, ...], t [B] the
+    model's own time; any dtype, read as float32 and converted to eps_hat); ``times`` [N + 1] the model times of the grid and ``log_snr`` [N + 1] their
     log-SNR, strictly decreasing and finite (``continuous_grid``, ``discrete_grid``). ``key``
     draws the Hutchinson probes (one set per call, fixed along the trajectory as in FFJORD).
 
@@ -118,6 +124,7 @@ def ode_log_likelihood(eps_fn: Callable, x, times, log_snr, key=None, *, diverge
     stderr [B] (the standard error over probes; 0 for the exact divergence), prior [B]
     (log N(x_T; 0, I)) and x_T.
     """
+    diffusion.check_parameterization(parameterization)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if probe not in PROBES:
@@ -140,7 +147,7 @@ def ode_log_likelihood(eps_fn: Callable, x, times, log_snr, key=None, *, diverge
     probes = _probes(key, x, divergence, num_probes, probe)
 
     def field(x, t, lam):
-        v, quad, half_sigma2_d, sigma = _divergence_terms(eps_fn, x, t, lam, probes)
+        v, quad, half_sigma2_d, sigma = _divergence_terms(model_fn, parameterization, x, t, lam, probes)
         if divergence == "exact":
             quad = jnp.sum(quad, axis=0, keepdims=True)                        # the trace
         return v, half_sigma2_d - 0.5 * sigma * quad                          # div v, [P, B]

@@ -35,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers
 
+from vdm import baselines
 from vdm import config as config_lib
 from vdm import data as data_lib
 from vdm import diffusion
@@ -599,6 +600,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     p_train = make_p_train(setup.objective, optimizer, optim)
     p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
                       in_axes=(0, 0, 0, None, None))
+    # The best factorized model of the split (per-pixel categorical), beside the -ELBO in the log.
+    baseline = (baselines.reference_bpd(train_ds.iterate_epoch(config.eval.batch_size),
+                                        eval_ds.iterate_epoch(config.eval.batch_size))
+                if len(train_ds.data_shape) == 3 and jax.process_count() == 1 else None)
     k = train.steps_per_call
     last_bpd = "-"  # the test -ELBO of the last evaluation, shown on the progress line
     tick, tick_step = time.time(), step
@@ -625,6 +630,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         f"eval bpd {last_bpd} | {rate:.1f} steps/s")
         if step % config.eval.every == 0 or done:
             scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
+            if baseline is not None:
+                scores["pixel_baseline_bpd"] = baseline["mean"]
             last_bpd = f"{scores['eval_bpd']:.3f}"
             log.write(step, scores)
             log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
