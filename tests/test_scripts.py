@@ -5,6 +5,7 @@ subprocesses, as a user runs them.
 """
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -83,6 +84,23 @@ def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
     assert abs(res["exact_minus_mc"]["mean"]) < 5 * mc["terms"]["total"]["stderr"] + 1e-3
     assert res["samples"][0]["classifier_fd"] > 0
     assert "FID skipped" in r.stdout and "total" in r.stdout
+
+
+def test_evaluate_ode_likelihood_and_pixel_baseline(digits_workdir):
+    """--elbo=ode reports a dequantized bound on the 8-bit scale beside the per-pixel baseline."""
+    out = os.path.join(digits_workdir, "eval_ode.json")
+    r = _run("evaluate.py", f"--workdir={digits_workdir}", "--elbo=ode", "--ode_steps=3", "--ode_probes=2",
+             "--max_batches=1", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    ode = res["elbo"]["ode"]
+    assert "8-bit scale" in ode["unit"] and ode["quantity"] == "negative log-likelihood"
+    assert "3 Heun steps" in ode["method"] and "2 Rademacher probes" in ode["method"]
+    total = ode["terms"]["total"]
+    assert math.isfinite(total["mean"]) and total["stderr"] > 0
+    base = res["pixel_baseline"]
+    assert base["num_train"] == 1500 and 0 < base["mean"] < 8
+    assert "per-pixel categorical baseline" in r.stdout
 
 
 def test_evaluate_rejects_bad_flags(digits_workdir):
