@@ -302,9 +302,10 @@ def vlb_term(output, x0, x_t, t, schedule: schedules.DiscreteSchedule, parameter
     a free learned log-variance, with the schedule's stored tables for the posterior
     coefficients and variance bounds (``schedules.reverse_step_tables``). At t = 1 the
     decoder's variance follows improved-diffusion (and Ho et al.'s code): beta~_2 for
-    fixed_small and fixed_large, learned_range between log beta~_2 and log beta_1. ``stop_grad_mean`` stops the gradient through
-    the mean prediction so that this term trains only the variance (the L_vlb
-    part of Nichol & Dhariwal's hybrid loss, §3.1).
+    fixed_small and fixed_large, learned_range between log beta~_2 and log beta_1.
+    ``stop_grad_mean`` stops the gradient through the mean prediction so that this
+    term trains only the variance (the L_vlb part of Nichol & Dhariwal's hybrid
+    loss, §3.1).
     """
     diffusion.check_parameterization(parameterization)
     diffusion.check_variance_type(variance_type)
