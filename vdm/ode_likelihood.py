@@ -111,14 +111,16 @@ def _probes(key, x, divergence, num_probes, probe):
 
 
 def ode_log_likelihood(model_fn: Callable, x, times, log_snr, key=None, *, parameterization: str = "eps",
-                       divergence: str = "exact", num_probes: int = 1, probe: str = "rademacher") -> dict:
+                       divergence: str = "exact", num_probes: int = 4, probe: str = "rademacher") -> dict:
     """log p(x) of the model's marginal at the grid's first level, from the probability-flow ODE
     (see the module docstring), integrated with Heun's method over the grid, in nats per example.
 
     ``model_fn(x, t) -> output`` is the model in ``parameterization`` (x [B, ...], t [B] the
-    model's own time; any dtype, read as float32 and converted to eps_hat); ``times`` [N + 1] the model times of the grid and ``log_snr`` [N + 1] their
-    log-SNR, strictly decreasing and finite (``continuous_grid``, ``discrete_grid``). ``key``
-    draws the Hutchinson probes (one set per call, fixed along the trajectory as in FFJORD).
+    model's own time; its output, in any dtype, is read as float32 and converted to eps_hat);
+    ``times`` [N + 1] are the model times of the grid and ``log_snr`` [N + 1] their log-SNR,
+    strictly decreasing and finite (``continuous_grid``, ``discrete_grid``). ``key`` draws
+    the ``num_probes`` Hutchinson probes (one set per call, fixed along the trajectory as in
+    FFJORD); each probe gives an unbiased estimate of log p(x).
 
     Returns a dict of log_prob [B] (the exact-divergence value, or the mean over probes),
     stderr [B] (the standard error over probes; 0 for the exact divergence), prior [B]
