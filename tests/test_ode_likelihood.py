@@ -104,3 +104,17 @@ def test_dequantized_bits_per_dim_and_bad_arguments():
         ol.ode_log_likelihood(model, x, jnp.arange(3), schedules.discrete_schedule("linear", 2, rescale=False).log_snr)
     with pytest.raises(ValueError, match="T >= 11"):
         ol.discrete_grid(schedules.discrete_schedule("linear", 10, rescale=False).log_snr, 10)
+
+
+def test_bfloat16_network_is_integrated_in_float32():
+    """A network whose output is bfloat16 is read as float32: the state and log p stay float32 and
+    within bf16 rounding of the float32 network's result."""
+    vp = schedules.continuous_schedule("vp_linear")
+    model = exact.model_fn(MIX1, "eps", log_snr_fn=vp)
+    x = exact.sample(jax.random.PRNGKey(4), MIX1, 64)
+    times, lam = ol.continuous_grid(vp, 40)
+    f32 = jax.jit(lambda x: ol.ode_log_likelihood(model, x, times, lam))(x)
+    bf16 = jax.jit(lambda x: ol.ode_log_likelihood(lambda y, t: model(y, t).astype(jnp.bfloat16), x, times,
+                                                   lam))(x)
+    assert bf16["log_prob"].dtype == jnp.float32 and bf16["x_T"].dtype == jnp.float32
+    np.testing.assert_allclose(bf16["log_prob"], f32["log_prob"], atol=0.05)
