@@ -194,7 +194,7 @@ def collect(run_dir: str, point) -> dict:
     row["final_loss"] = losses[-1]["loss"]
     for kind, elbo in ev["elbo"].items():  # "exact" and/or "mc"
         total = elbo["terms"]["total"]
-        unit = "bpd" if elbo["unit"] == "bits/dim" else "nats"
+        unit = "bpd" if elbo["unit"].startswith("bits/dim") else "nats"  # dequantized: 8-bit scale
         row[f"nelbo_{unit}_{kind}"] = total["mean"]
         row[f"nelbo_{unit}_{kind}_se"] = total["stderr"]
     samples = (ev.get("samples") or [{}])[0]

@@ -144,16 +144,22 @@ def test_p_mean_variance_for_every_variance_type():
     t = jnp.arange(1, 21)
     lam_s, lam_t = SCHED.log_snr[t - 1], SCHED.log_snr[t]
     x_t, pred = (jnp.asarray(rng.standard_normal((20, 3)), jnp.float32) for _ in range(2))
-    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t)
+    lam_next = SCHED.log_snr[jnp.minimum(t + 1, 20)]
+    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, lam_next)
     np.testing.assert_allclose(log_large, np.log(np.float64(SCHED.betas[1:])), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(log_small[1:], np.log(np.float64(SCHED.posterior_variance[2:])), rtol=1e-5)
+    # improved-diffusion's posterior_log_variance_clipped: log beta~_2 at t = 1.
+    np.testing.assert_allclose(log_small, np.log(np.float64(SCHED.posterior_variance)[[2] + list(range(2, 21))]),
+                               rtol=1e-5)
+    # fixed_large: beta~_2 at t = 1, beta_t after (np.append(posterior_variance[1], betas[1:])).
+    log_fixed_large = np.concatenate([log_small[:1], log_large[1:]])
     x0_hat, _ = diffusion.x0_eps_from_output(pred, x_t, lam_t, "eps")
     post_mean, _, _ = diffusion.q_posterior(x0_hat, x_t, lam_s, lam_t)
-    want = {"fixed_small": log_small, "fixed_large": log_large}
+    want = {"fixed_small": log_small, "fixed_large": log_fixed_large}
     for vt, v in [("fixed_small", None), ("fixed_large", None), ("learned_range", -1.0),
                   ("learned_range", 1.0), ("learned_range", 0.0), ("learned", -3.0)]:
         out = pred if v is None else jnp.concatenate([pred, jnp.full_like(pred, v)], -1)
-        mean, log_var, x0_out = diffusion.p_mean_variance(out, x_t, lam_s, lam_t, "eps", vt)
+        mean, log_var, x0_out = diffusion.p_mean_variance(out, x_t, lam_s, lam_t, "eps", vt,
+                                                          log_snr_next=lam_next)
         np.testing.assert_allclose(mean, post_mean, rtol=1e-6)
         np.testing.assert_allclose(x0_out, x0_hat, rtol=1e-6)
         ref = {None: want.get(vt), -1.0: log_small, 1.0: log_large,

@@ -386,3 +386,27 @@ def test_inception_loads_pytorch_state_dict_by_name(tmp_path):
     np.savez(path, **state)
     with pytest.raises(ValueError, match="Mixed_6b.branch7x7_2.conv.weight"):
         ev.load_inception_variables(str(path))
+
+
+def test_dequantized_bound_is_on_the_8bit_scale_and_above_the_discrete_elbo():
+    """On the same model, the uniformly dequantized -ELBO plus log2(127.5) per dim (a bound on the
+    8-bit likelihood) is >= the discrete (discretized-decoder) -ELBO minus its standard error."""
+    mix = exact.gaussian_mixture([0.5, 0.5], [[-0.5, -0.5], [0.5, 0.5]], 0.01)  # sd ~ 6 bins
+    k_x, k_u, k_e = jax.random.split(jax.random.PRNGKey(21), 3)
+    k8 = jnp.clip(jnp.round((exact.sample(k_x, mix, 200) + 1) * 127.5), 0, 255)
+    xq = k8 / 127.5 - 1
+    xd = xq + (jax.random.uniform(k_u, xq.shape) - 0.5) / 127.5
+    sch = schedules.discrete_schedule("cosine", 100)
+    model_of = lambda p: exact.model_fn(mix, "eps", schedule=sch)
+    run = lambda dec, x, deq: ev.negative_elbo(
+        ev.discrete_elbo_terms(model_of, sch, decoder=dec, chunk=25), None, [x], k_e, num_dims=2,
+        dequantized=deq)["terms"]["total"]
+    disc = run("discretized", xq, False)
+    density = run("gaussian", xd, False)
+    deq = ev.negative_elbo(ev.discrete_elbo_terms(model_of, sch, decoder="gaussian", chunk=25), None, [xd],
+                           k_e, num_dims=2, dequantized=True)
+    assert "8-bit" in deq["unit"]
+    np.testing.assert_allclose(deq["terms"]["total"]["mean"], density["mean"] + math.log2(127.5), rtol=1e-9)
+    assert deq["terms"]["total"]["mean"] >= disc["mean"] - disc["stderr"], (deq["terms"]["total"], disc)
+    with pytest.raises(ValueError, match="dequantized needs num_dims"):
+        ev.negative_elbo(ev.discrete_elbo_terms(model_of, sch), None, [xd], k_e, dequantized=True)

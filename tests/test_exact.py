@@ -119,7 +119,7 @@ def test_learned_variance_is_the_moment_matched_reverse_variance():
     model_r = exact.model_fn(mix, "eps", schedule=SCHEDULE, variance_type="learned_range")
     log_var_r = jax.jit(lambda x: diffusion.p_mean_variance(model_r(x, t), x, lam_s, lam_t, "eps",
                                                             "learned_range")[1])(x)
-    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t)
+    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, SCHEDULE.log_snr[t + 1])
     np.testing.assert_allclose(log_var_r[:, 0], np.clip(out[:, 1], log_small, log_large), rtol=1e-4, atol=1e-4)
     assert np.any(out[:, 1] > log_large) and np.any(out[:, 1] < log_large)  # both cases are exercised
 

@@ -199,7 +199,8 @@ def test_elbo_weighted_simple_loss_equals_vlb_terms():
     def run():
         res = {}
         for vt in ("fixed_small", "fixed_large"):
-            log_var = diffusion.reverse_log_variance_bounds(lam_s, lam_t)[1] if vt == "fixed_large" else None
+            bounds = diffusion.reverse_log_variance_bounds(lam_s, lam_t, sch.log_snr[jnp.minimum(t + 1, 20)])
+            log_var = diffusion.fixed_log_variance(vt, *bounds, lam_s)
             gaps = []
             for i, param in enumerate(["eps", "x0", "v"]):
                 out = diffusion.convert(eps + (0.05 + 0.1 * i) * jnp.roll(noise, i, axis=1), x_t, lam_t,
@@ -597,6 +598,12 @@ def test_bad_arguments_raise_value_error_naming_them():
         losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 1)
     with pytest.raises(ValueError, match="importance"):
         losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4, importance=jnp.ones(9))
+    zero_at_one = np.concatenate([[0.0], np.ones(sch.T - 1)])
+    with pytest.raises(ValueError, match="positive at every t"):
+        losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4, importance=zero_at_one)
+    traced = jax.jit(lambda p: losses.discrete_elbo_mc(model, jax.random.PRNGKey(0), x0, sch, 4,
+                                                       importance=p)["total"])(zero_at_one)
+    assert np.all(np.isnan(traced))
     with pytest.raises(ValueError, match="chunk"):
         losses.discrete_elbo(model, jax.random.PRNGKey(0), x0, sch, chunk=0)
     with pytest.raises(ValueError, match=r"T must be 0 \(continuous time\)"):
@@ -623,3 +630,120 @@ def test_discrete_loss_weights_scale_each_example():
         plain, weighted = np.asarray(run(None)), np.asarray(run(w))
         assert np.all(np.abs(plain) > 0)
         np.testing.assert_allclose(weighted, np.asarray(w) * plain, rtol=1e-5, err_msg=kind)
+
+
+# ---------------------------------------------------------------------------
+# The t = 1 convention of improved-diffusion, and the stored float64 tables.
+# ---------------------------------------------------------------------------
+
+
+def _iddpm_betas(name, T):
+    """improved-diffusion's get_named_beta_schedule in float64 (written from the paper)."""
+    if name == "linear":
+        return np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+    i = np.arange(T, dtype=np.float64)
+    return np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
+
+
+def _iddpm_tables(betas):
+    """0-indexed float64 tables of improved-diffusion's GaussianDiffusion.__init__."""
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    return dict(ab=ab, post_var=post_var,
+                post_logvar_clipped=np.log(np.append(post_var[1], post_var[1:])),
+                fixed_large_logvar=np.log(np.append(post_var[1], betas[1:])),
+                coef1=betas * np.sqrt(ab_prev) / (1 - ab),
+                coef2=(1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab))
+
+
+def _discretized_nll_f64(x, mean, log_scale):
+    """-sum log P(x) of Ho et al. eq. 13 in float64 (exact normal CDF; the edge bins open)."""
+    x, mean, scale = np.float64(x), np.float64(mean), np.exp(np.float64(log_scale))
+    hi = np.where(x > 0.999, np.inf, (x + 1 / 255 - mean) / scale)
+    lo = np.where(x < -0.999, -np.inf, (x - 1 / 255 - mean) / scale)
+    return -np.sum(np.log(stats.norm.cdf(hi) - stats.norm.cdf(lo)), axis=-1)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_decoder_term_matches_improved_diffusion(name):
+    """L_0 of fixed_small and fixed_large uses log beta~_2 (improved-diffusion's clipped posterior
+    log-variance and its fixed_large table), matching a float64 reference to float32 rounding."""
+    T = 1000
+    ref = _iddpm_tables(_iddpm_betas(name, T))
+    sch = schedules.discrete_schedule(name, T)
+    rng = np.random.default_rng(11)
+    x0 = rng.integers(0, 256, (8, 12)) / 127.5 - 1
+    x0_hat = np.clip(x0 + 0.01 * rng.standard_normal(x0.shape), -1, 1)
+    t = jnp.ones((8,), jnp.int32)
+    for vt, table in [("fixed_small", "post_logvar_clipped"), ("fixed_large", "fixed_large_logvar")]:
+        ours = losses.vlb_term(jnp.asarray(x0_hat, jnp.float32), jnp.asarray(x0, jnp.float32),
+                               jnp.zeros(x0.shape, jnp.float32), t, sch, "x0", vt, "discretized")
+        # p(x_0 | x_1): mean coef1[0] x0_hat + coef2[0] x_1, log-variance table[0].
+        mean = ref["coef1"][0] * x0_hat + ref["coef2"][0] * 0.0
+        want = _discretized_nll_f64(x0, mean, 0.5 * ref[table][0])
+        np.testing.assert_allclose(ours, want, rtol=2e-6, err_msg=vt)
+    assert ref["fixed_large_logvar"][0] < np.log(_iddpm_betas(name, T)[0])  # beta~_2 < beta_1: not beta_1
+
+
+def test_learned_range_decoder_variance_gets_a_gradient_at_t1():
+    """At t = 1 learned_range interpolates between log beta~_2 and log beta_1, so the decoder term
+    depends on the variance output (a zero gradient would leave the decoder variance unlearned)."""
+    sch = schedules.discrete_schedule("cosine", 50)
+    rng = np.random.default_rng(12)
+    x0 = jnp.asarray(rng.integers(0, 256, (4, 6)) / 127.5 - 1, jnp.float32)
+    x0_hat = x0 + 0.02 * jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+    t = jnp.ones((4,), jnp.int32)
+    for dec in losses.DECODERS:
+        g = jax.grad(lambda v: losses.vlb_term(jnp.concatenate([x0_hat, v], -1), x0, x0, t, sch, "x0",
+                                               "learned_range", dec).sum())(jnp.zeros_like(x0))
+        assert np.all(np.isfinite(g)) and np.all(g != 0), dec
+
+
+@pytest.mark.parametrize("name,T", [("linear", 1000), ("cosine", 4000)])
+def test_reverse_step_tables_are_exact_to_float32(name, T):
+    """The discrete step reads the stored float64-derived tables: beta, the clipped posterior
+    log-variance and the posterior mean coefficients agree with float64 to float32 rounding."""
+    ref = _iddpm_tables(_iddpm_betas(name, T))
+    sch = schedules.discrete_schedule(name, T)
+    t = jnp.arange(1, T + 1)
+    tab = schedules.reverse_step_tables(sch, t)
+    np.testing.assert_allclose(tab.coef_x0, ref["coef1"], rtol=3e-7)
+    np.testing.assert_allclose(tab.coef_xt, ref["coef2"], rtol=3e-7, atol=1e-30)
+    np.testing.assert_allclose(tab.log_var_min, ref["post_logvar_clipped"], rtol=3e-7, atol=3e-7)
+    np.testing.assert_allclose(tab.log_var_max, np.log(_iddpm_betas(name, T)), rtol=3e-7, atol=3e-7)
+    # The KL term's posterior mean through the tables is the float64 one to float32 rounding.
+    rng = np.random.default_rng(13)
+    x0, x_t = rng.standard_normal((2, T, 3))
+    mean, _, _ = diffusion.p_mean_variance(jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32),
+                                           sch.log_snr[t - 1], sch.log_snr[t], "x0", "fixed_small",
+                                           tables=tab)
+    want = ref["coef1"][:, None] * x0 + ref["coef2"][:, None] * x_t
+    np.testing.assert_allclose(mean, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", schedules.CONTINUOUS_SCHEDULES)
+def test_vdm_loss_is_finite_for_every_schedule_decoder_and_parameterization(name):
+    """Every continuous schedule has finite log-SNR ends (vp_linear from score_sde's t_min = 1e-5),
+    so vdm_loss, whose decoder sits at t = 0 and prior at t = 1, has a finite value and gradient
+    for every decoder and parameterization, in continuous time and its T-step form."""
+    fn = schedules.continuous_schedule(name)
+    rng = np.random.default_rng(14)
+    x0 = jnp.asarray(rng.integers(0, 256, (4, 5)) / 127.5 - 1, jnp.float32)
+    u = jnp.array([0.0, 1e-6, 0.5, 1.0 - 1e-7])  # both ends included
+
+    @jax.jit
+    def run(w):
+        out = {}
+        for dec in losses.VDM_DECODERS:
+            for param in diffusion.PARAMETERIZATIONS:
+                for T in (0, 10):
+                    f = lambda w_: losses.vdm_loss(lambda z, t: jnp.tanh(w_ * z + t[:, None]), fn,
+                                                   jax.random.PRNGKey(0), x0, T=T, u=u,
+                                                   parameterization=param, decoder=dec)[0].sum()
+                    out[dec, param, T] = jax.value_and_grad(f)(w)
+        return out
+
+    for k, (v, g) in run(jnp.float32(0.3)).items():
+        assert np.isfinite(v) and np.isfinite(g), (name, k, v, g)

@@ -101,10 +101,11 @@ def ref_continuous(name, t):
         a, b = math.atan(math.exp(-10.0)), math.atan(math.exp(10.0))
         th = a + t * (b - a)
         return -2 * np.log(np.tan(th)), -4 * (b - a) / np.sin(2 * th)
-    if name == "vp_linear":  # Song et al.: alpha_bar = exp(-int beta)
-        B = 0.1 * t + 0.5 * 19.9 * t ** 2
+    if name == "vp_linear":  # Song et al.: alpha_bar = exp(-int beta), tau = 1e-5 + (1 - 1e-5) t
+        tau = 1e-5 + (1 - 1e-5) * t
+        B = 0.1 * tau + 0.5 * 19.9 * tau ** 2
         ab = np.exp(-B)
-        return np.log(ab / (1 - ab)), -(0.1 + 19.9 * t) / (1 - ab)
+        return np.log(ab / (1 - ab)), -(1 - 1e-5) * (0.1 + 19.9 * tau) / (1 - ab)
     return 13.3 - 18.3 * t, np.full_like(t, -18.3)  # vdm_linear
 
 
@@ -124,6 +125,10 @@ def test_continuous_endpoints():
     cos = schedules.continuous_schedule("cosine", log_snr_max=13.3, log_snr_min=-5.0)
     for fn in (vdm, cos):
         np.testing.assert_allclose([fn(0.0), fn(1.0)], [13.3, -5.0], rtol=1e-5)
+    # vp_linear starts at score_sde's eps = 1e-5, where the SDE's log-SNR is finite.
+    vp = schedules.continuous_schedule("vp_linear")
+    np.testing.assert_allclose(vp(0.0), -math.log(math.expm1(0.1e-5 + 0.5 * 19.9e-10)), rtol=1e-5)
+    assert np.isfinite(vp(0.0)) and np.isfinite(vp(1.0))
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ subprocesses, as a user runs them.
 import csv
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -112,6 +113,23 @@ def test_sampler_accuracy_prints_the_monte_carlo_floor():
     r = _run("sampler_accuracy.py", "--n=200", "--dims", "1", "--only=no such row")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1-D mixture, N=200" in r.stdout and "exact samples (MC floor)" in r.stdout
+
+
+def test_evaluate_ode_likelihood_and_pixel_baseline(digits_workdir):
+    """--elbo=ode reports a dequantized bound on the 8-bit scale beside the per-pixel baseline."""
+    out = os.path.join(digits_workdir, "eval_ode.json")
+    r = _run("evaluate.py", f"--workdir={digits_workdir}", "--elbo=ode", "--ode_steps=3", "--ode_probes=2",
+             "--max_batches=1", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(out))
+    ode = res["elbo"]["ode"]
+    assert "8-bit scale" in ode["unit"] and ode["quantity"] == "negative log-likelihood"
+    assert "3 Heun steps" in ode["method"] and "2 Rademacher probes" in ode["method"]
+    total = ode["terms"]["total"]
+    assert math.isfinite(total["mean"]) and total["stderr"] > 0
+    base = res["pixel_baseline"]
+    assert base["num_train"] == 1500 and 0 < base["mean"] < 8
+    assert "per-pixel categorical baseline" in r.stdout
 
 
 def test_evaluate_rejects_bad_flags(digits_workdir):

@@ -204,19 +204,52 @@ def learns_variance(variance_type: str) -> bool:
     return variance_type in ("learned_range", "learned")
 
 
-def reverse_log_variance_bounds(log_snr_s, log_snr_t):
-    """(log beta~, log beta) of the step t -> s: the posterior variance sigma_s^2 (1 - SNR_t/SNR_s)
-    (Ho et al. 'fixed_small') and the forward variance sigma_{t|s}^2 ('fixed_large').
+def reverse_log_variance_bounds(log_snr_s, log_snr_t, log_snr_next=None):
+    """(min_log, max_log) of the reverse step t -> s: the bounds of Nichol & Dhariwal's
+    learned_range interpolation, which are also the fixed variances (``fixed_log_variance``).
 
-    When s is the data level (lambda_s = +inf) the posterior variance is 0; the
-    lower bound is then replaced by the upper one, sigma_{t|0}^2 (beta_1 in DDPM),
-    which is what the decoder and the last sampling step use.
+      min_log = log of the posterior variance sigma_s^2 (1 - SNR_t/SNR_s)      (beta~_t, 'fixed_small')
+      max_log = log of the forward variance sigma_{t|s}^2 = sigma_t^2 (1 - SNR_t/SNR_s)   (beta_t)
+
+    The step into the data level (s = 0, lambda_s = +inf) has posterior variance 0.
+    There min_log is the "clipped" posterior log-variance of improved-diffusion (and of
+    Ho et al.'s code): the posterior variance of the *next* step on the same grid,
+    q(x_t | x_u, x_0) with u the level after t,
+
+      min_log = log sigma_t^2 (1 - SNR_u/SNR_t)          (beta~_2 when t = 1, u = 2),
+
+    and max_log = log sigma_{t|0}^2 = log sigma_t^2 (beta_1). ``log_snr_next`` is
+    lambda_u. On a respaced or strided grid u is the grid's next level, which is what
+    improved-diffusion's respacing gives (its respaced schedule's posterior_variance[1]);
+    in continuous time it is the next level of the sampling grid or of the T-step bound.
+    Without a next level (``log_snr_next`` None, or not below lambda_t: a one-step
+    grid) min_log falls back to max_log. Away from the data level ``log_snr_next`` is unused.
     """
     log_one_minus_ratio = jnp.log(-jnp.expm1(log_snr_t - log_snr_s))
-    log_large = jax.nn.log_sigmoid(-log_snr_t) + log_one_minus_ratio
-    log_small = jnp.where(jnp.isinf(log_snr_s), log_large,
-                          jax.nn.log_sigmoid(-log_snr_s) + log_one_minus_ratio)
-    return log_small, log_large
+    log_max = jax.nn.log_sigmoid(-log_snr_t) + log_one_minus_ratio
+    if log_snr_next is None:
+        log_first = log_max
+    else:
+        has_next = log_snr_next < log_snr_t
+        gap = jnp.where(has_next, log_snr_next - log_snr_t, -1.0)  # keeps log(0) out of the unused branch
+        log_first = jnp.where(has_next, jax.nn.log_sigmoid(-log_snr_t) + jnp.log(-jnp.expm1(gap)),
+                              log_max)
+    log_min = jnp.where(jnp.isinf(log_snr_s), log_first,
+                        jax.nn.log_sigmoid(-log_snr_s) + log_one_minus_ratio)
+    return log_min, log_max
+
+
+def fixed_log_variance(variance_type: str, log_min, log_max, log_snr_s):
+    """The fixed reverse log-variance from ``reverse_log_variance_bounds``' (min_log, max_log):
+    fixed_small is min_log everywhere; fixed_large is max_log except at the step into the data
+    level, where it is min_log (beta~_2 in place of beta_1: improved-diffusion's and Ho et al.'s
+    code, ``np.append(posterior_variance[1], betas[1:])``, "to get a better decoder log
+    likelihood")."""
+    if variance_type == "fixed_small":
+        return log_min
+    if variance_type == "fixed_large":
+        return jnp.where(jnp.isinf(log_snr_s), log_min, log_max)
+    raise ValueError(f"fixed_log_variance takes 'fixed_small' or 'fixed_large', got {variance_type!r}")
 
 
 def split_variance_output(output, variance_type: str):
@@ -230,16 +263,21 @@ def split_variance_output(output, variance_type: str):
 
 
 def p_mean_variance(output, x_t, log_snr_s, log_snr_t, parameterization: str,
-                    variance_type: str, clip_x0=None):
+                    variance_type: str, clip_x0=None, *, log_snr_next=None, tables=None):
     """Mean and log-variance of the reverse step p(x_s | x_t) for s < t.
 
     The mean is the posterior mean q(x_s | x_t, x0_hat) at the predicted x0
     (Ho et al. eq. 11 for eps; the same for every parameterization); optional
     ``clip_x0 = (lo, hi)`` clips x0_hat first. The log-variance is
-      fixed_small:   log beta~ (posterior), fixed_large: log beta (forward step),
-      learned_range: frac log beta + (1 - frac) log beta~, frac = (v + 1)/2 with the
+      fixed_small:   min_log, fixed_large: max_log (min_log into the data level),
+      learned_range: frac max_log + (1 - frac) min_log, frac = (v + 1)/2 with the
                      network's extra output v (Nichol & Dhariwal 2021, eq. 15),
-      learned:       the network's extra output, a free log-variance (seed 002/003).
+      learned:       the network's extra output, a free log-variance (seed 002/003),
+    with (min_log, max_log) from ``reverse_log_variance_bounds`` (improved-diffusion's
+    convention at the step into the data level, which needs ``log_snr_next``, the
+    level after t on the same grid). ``tables`` (``schedules.reverse_step_tables``)
+    replaces the log-SNR formulas for the posterior mean coefficients and the bounds
+    by a discrete schedule's stored float64-derived tables (a step t -> t - 1).
     Returns (mean, log_variance, x0_hat).
     """
     pred, var_out = split_variance_output(output, variance_type)
@@ -247,15 +285,18 @@ def p_mean_variance(output, x_t, log_snr_s, log_snr_t, parameterization: str,
     if clip_x0 is not None:
         x0_hat = jnp.clip(x0_hat, *clip_x0)
     lam_s, lam_t = _bcast(log_snr_s, x_t), _bcast(log_snr_t, x_t)
-    mean, _, _ = q_posterior(x0_hat, x_t, lam_s, lam_t)
-    log_small, log_large = reverse_log_variance_bounds(lam_s, lam_t)
-    if variance_type == "fixed_small":
-        log_var = log_small
-    elif variance_type == "fixed_large":
-        log_var = log_large
+    if tables is None:
+        mean, _, _ = q_posterior(x0_hat, x_t, lam_s, lam_t)
+        nxt = None if log_snr_next is None else _bcast(log_snr_next, x_t)
+        log_min, log_max = reverse_log_variance_bounds(lam_s, lam_t, nxt)
+    else:
+        mean = _bcast(tables.coef_x0, x_t) * x0_hat + _bcast(tables.coef_xt, x_t) * x_t
+        log_min, log_max = _bcast(tables.log_var_min, x_t), _bcast(tables.log_var_max, x_t)
+    if variance_type in ("fixed_small", "fixed_large"):
+        log_var = fixed_log_variance(variance_type, log_min, log_max, lam_s)
     elif variance_type == "learned_range":
         frac = (var_out + 1.0) / 2.0
-        log_var = frac * log_large + (1.0 - frac) * log_small
+        log_var = frac * log_max + (1.0 - frac) * log_min
     else:
         log_var = var_out
     return mean, jnp.broadcast_to(log_var, x_t.shape), x0_hat

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm import losses
+from vdm import diffusion, losses
 
 # ---------------------------------------------------------------------------
 # Kernel MMD.
@@ -284,9 +284,39 @@ def vdm_elbo_terms(model_fn_of: Callable, log_snr_fn: Callable, num_samples: int
     return terms_fn
 
 
+def ode_nll_terms(model_fn_of: Callable, grid_of: Callable, *, parameterization: str = "eps",
+                  variance_type: str = "fixed_small", divergence: str = "exact", num_probes: int = 2,
+                  probe: str = "rademacher", dequantize: bool = False) -> Callable:
+    """Per-example -log p(x) from the probability-flow ODE (``vdm.ode_likelihood``, Song et al.
+    2021 App. D) as ``terms_fn(params, key, x)``: ``total`` in nats (with Hutchinson's
+    divergence an unbiased estimate; its probe noise enters the standard error over
+    examples that ``negative_elbo`` reports). ``grid_of(params) -> (times, log_snr)`` is the integration grid
+    (``ode_likelihood.discrete_grid`` / ``continuous_grid``). With ``dequantize`` (8-bit
+    images on their grid) x gets uniform noise over its bin first (from ``key``); pass
+    ``dequantized=True`` to ``negative_elbo`` to report the bound on the 8-bit scale."""
+    from vdm import ode_likelihood
+
+    def terms_fn(params, key, x):
+        k_u, k_probe = jax.random.split(key)
+        model = model_fn_of(params)
+
+        x_in = ode_likelihood.dequantize(k_u, x) if dequantize else x
+        times, log_snr = grid_of(params)
+        r = ode_likelihood.ode_log_likelihood(
+            lambda x_t, t: diffusion.split_variance_output(model(x_t, t), variance_type)[0], x_in, times,
+            log_snr, k_probe, parameterization=parameterization, divergence=divergence,
+            num_probes=num_probes, probe=probe)
+        return dict(total=-r["log_prob"])
+
+    return terms_fn
+
+
+UNIT_DEQUANTIZED = "bits/dim, 8-bit scale (dequantized density + log2(127.5))"
+
+
 def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dims: int | None = None,
                   log_prob_fn: Callable | None = None, max_batches: int | None = None,
-                  method: str = "") -> dict:
+                  method: str = "", dequantized: bool = False, quantity: str = "negative ELBO") -> dict:
     """The negative ELBO averaged over every example of ``batches``, with standard errors.
 
     ``terms_fn(params, key, x) -> dict`` gives per-example terms in nats,
@@ -305,10 +335,20 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
     reported too. The standard errors are those of the mean over examples
     (std / sqrt(N)); they include the Monte-Carlo noise of the bound.
 
-    Returns {"unit", "num_examples", "method", "terms": {name: {"mean", "stderr"}}}.
+    ``dequantized`` (8-bit images fed as uniformly dequantized data, ``data.dequantize``):
+    the terms are a density's; ``total`` and ``decoder`` get D log(127.5) nats
+    (``losses.dequantized_nats``), so the total is a bound in bits/dim on the 8-bit scale,
+    comparable with a discrete decoder's, and the unit says so.
+
+    ``quantity`` names what ``total`` is in the printed table (e.g. "negative log-likelihood"
+    for the probability-flow ODE).
+
+    Returns {"unit", "num_examples", "method", "quantity", "terms": {name: {"mean", "stderr"}}}.
     """
     if num_dims is not None and (not isinstance(num_dims, int) or num_dims < 1):
         raise ValueError(f"num_dims must be a positive integer or None, got {num_dims!r}")
+    if dequantized and num_dims is None:
+        raise ValueError("dequantized needs num_dims (8-bit images)")
     jitted = jax.jit(terms_fn)
     moments = _Moments()
     for i, batch in enumerate(batches):
@@ -319,6 +359,10 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
         if "total" not in terms:
             raise ValueError(f"terms_fn must return a dict with a 'total' entry, got keys {sorted(terms)}")
         values = {k: np.asarray(terms[k], np.float64) for k in ELBO_TERMS if k in terms}
+        if dequantized:
+            for k in ("total", "decoder"):
+                if k in values:
+                    values[k] = losses.dequantized_nats(values[k], num_dims)
         if log_prob_fn is not None:
             values["exact_nll"] = -np.asarray(log_prob_fn(x), np.float64)
             values["gap"] = values["total"] - values["exact_nll"]
@@ -331,9 +375,10 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
         raise ValueError("batches yielded no data")
     order = [k for k in ELBO_TERMS + ("exact_nll", "gap") if k in moments.n]
     return {
-        "unit": "bits/dim" if num_dims else "nats",
+        "unit": (UNIT_DEQUANTIZED if dequantized else "bits/dim") if num_dims else "nats",
         "num_examples": moments.n["total"],
         "method": method,
+        "quantity": quantity,
         "terms": {k: moments.summary(k) for k in order},
     }
 
@@ -341,7 +386,8 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
 def format_table(result: Mapping) -> str:
     """A fixed-width table of a ``negative_elbo`` result (one row per term)."""
     unit = result["unit"]
-    lines = [f"negative ELBO ({result['method'] or 'estimate'}), {result['num_examples']} examples",
+    lines = [f"{result.get('quantity', 'negative ELBO')} ({result['method'] or 'estimate'}), "
+             f"{result['num_examples']} examples",
              f"{'term':<12}{'mean':>14}{'stderr':>12}  [{unit}]"]
     for name, r in result["terms"].items():
         lines.append(f"{name:<12}{r['mean']:>14.5f}{r['stderr']:>12.5f}")

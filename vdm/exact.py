@@ -156,8 +156,9 @@ def _build(mixture, parameterization, schedule, log_snr_fn, variance_type, log_w
         log_var = jnp.log(post_var + (alpha_s * -jnp.expm1(lam_t - lam_s)) ** 2 * x0_var)
         if variance_type == "learned":
             return jnp.concatenate([out, log_var], axis=-1)
-        log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t)
-        width = log_large - log_small                      # 0 at t = 1, where the bounds coincide
+        lam_next = jnp.reshape(log_snr_of(jnp.minimum(t + 1, schedule.T)), (-1, 1))
+        log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, lam_next)
+        width = log_large - log_small                      # 0 only for a one-step chain (T = 1)
         safe = jnp.where(width > 0, width, 1.0)
         v = jnp.where(width > 0, 2.0 * (log_var - log_small) / safe - 1.0, 0.0)
         return jnp.concatenate([out, jnp.broadcast_to(jnp.clip(v, -1.0, 1.0), out.shape)], axis=-1)
@@ -175,7 +176,7 @@ def model_fn(mixture: GaussianMixture, parameterization: str = "eps", *,
     for ``learned`` / ``learned_range`` variances the second half of the last
     axis is the log of the moment-matched variance of q(x_{t-1}|x_t), or its
     Nichol & Dhariwal interpolation fraction v (eq. 15) clipped to [-1, 1]
-    (v = 0 at t = 1, where the bounds coincide).
+    (bounds from ``diffusion.reverse_log_variance_bounds``, [log beta~_2, log beta_1] at t = 1).
     """
     apply = _build(mixture, parameterization, schedule, log_snr_fn, variance_type, lambda c: None)
     return lambda x_t, t: apply(x_t, t, None)

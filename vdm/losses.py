@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 
 from vdm import diffusion
@@ -66,6 +67,19 @@ def bits_per_dim(nats, num_dims: int):
     if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
         raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
     return nats / (num_dims * math.log(2.0))
+
+
+def dequantized_nats(density_nats, num_dims: int, bin_width: float = BIN_WIDTH_8BIT):
+    """A bound on -log P(k) of 8-bit data from -log p(x) of a density on uniformly dequantized
+    data x = k + u (u uniform over the bin of width ``bin_width``): by Jensen (Theis et al. 2016;
+    Ho et al. 2020 §4.2, Song et al. 2021 App. D.2 add the same constant),
+
+      -log P(k) <= E_u[-log p(k + u)] - D log(bin_width),
+
+    i.e. + D log(127.5) nats for data in [-1, 1] with bin width 2/255. Returns nats."""
+    if not isinstance(num_dims, numbers.Integral) or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer, got {num_dims!r}")
+    return density_nats - num_dims * math.log(bin_width)
 
 
 # ---------------------------------------------------------------------------
@@ -195,19 +209,19 @@ def _log_x0_error_factor(target: str, log_snr_t):
             "score": 2.0 * log_s2 - log_a2}[target]
 
 
-def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None):
+def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None, log_snr_next=None):
     """log of w in L_{s|t} = w ||x0 - x0_hat||^2, the KL between q(x_s | x_t, x0) and a
     reverse step with the same mean form at x0_hat and variance e^log_variance
     (mean part only; Ho et al. eq. 8; the SNR form is Kingma et al. 2021's discrete-time loss):
 
       w = alpha_s^2 (1 - SNR_t/SNR_s)^2 / (2 e^log_variance).
 
-    ``log_variance`` defaults to the posterior one (fixed_small; the forward
-    variance when s is the data level, see diffusion.reverse_log_variance_bounds),
-    where w = (SNR_s - SNR_t) / 2.
+    ``log_variance`` defaults to fixed_small's (diffusion.reverse_log_variance_bounds, whose
+    value at the step into the data level needs ``log_snr_next``), where w = (SNR_s - SNR_t) / 2
+    away from the data level.
     """
     if log_variance is None:
-        log_variance, _ = diffusion.reverse_log_variance_bounds(log_snr_s, log_snr_t)
+        log_variance, _ = diffusion.reverse_log_variance_bounds(log_snr_s, log_snr_t, log_snr_next)
     return (jax.nn.log_sigmoid(log_snr_s) + 2.0 * _log1mexp(log_snr_t - log_snr_s)
             - math.log(2.0) - log_variance)
 
@@ -238,13 +252,15 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
     eq. 14) or L1. ``weighting`` multiplies the per-example L2 loss so that it
     equals w(lambda_t) * mean ||x0 - x0_hat||^2 with
       none:           1 (no reweighting: plain MSE in target space),
-      snr:            SNR_t (Kingma et al. 2021; eps-MSE times SNR = x0-MSE),
+      snr:            SNR_t (Kingma et al. 2021; SNR times x0-MSE = eps-MSE),
       truncated_snr:  max(SNR_t, 1) (Salimans & Ho 2022, §4),
       min_snr:        min(SNR_t, snr_gamma) (Hang et al. 2023),
       elbo:           the KL weight of ``elbo_log_weight(log_snr_s, log_snr_t, log_variance)``;
-                      then num_dims * loss = L_{t-1} of ``vlb_term`` exactly for fixed_small
-                      and up to a model-independent constant for fixed_large
-                      (pass its log-variance). Needs ``log_snr_s`` (the previous level).
+                      then num_dims * loss = L_{t-1} of ``vlb_term`` (t >= 2) up to a
+                      model-independent constant, exactly for fixed_small; pass the model's
+                      fixed log-variance (``discrete_loss`` does, from the schedule's tables;
+                      the default, fixed_small's, falls back to sigma_{t|0}^2 into the data
+                      level). Needs ``log_snr_s`` (the previous level).
     Reweighting is defined for L2 only; l1 takes weighting "none".
     """
     target = _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma)
@@ -283,9 +299,13 @@ def vlb_term(output, x0, x_t, t, schedule: schedules.DiscreteSchedule, parameter
 
     The reverse step comes from ``diffusion.p_mean_variance`` with any variance
     type: fixed_small, fixed_large, learned_range (Nichol & Dhariwal eq. 15) or
-    a free learned log-variance. ``stop_grad_mean`` stops the gradient through
-    the mean prediction so that this term trains only the variance (the L_vlb
-    part of Nichol & Dhariwal's hybrid loss, §3.1).
+    a free learned log-variance, with the schedule's stored tables for the posterior
+    coefficients and variance bounds (``schedules.reverse_step_tables``). At t = 1 the
+    decoder's variance follows improved-diffusion (and Ho et al.'s code): beta~_2 for
+    fixed_small and fixed_large, learned_range between log beta~_2 and log beta_1.
+    ``stop_grad_mean`` stops the gradient through the mean prediction so that this
+    term trains only the variance (the L_vlb part of Nichol & Dhariwal's hybrid
+    loss, §3.1).
     """
     diffusion.check_parameterization(parameterization)
     diffusion.check_variance_type(variance_type)
@@ -304,11 +324,12 @@ def vlb_term(output, x0, x_t, t, schedule: schedules.DiscreteSchedule, parameter
     if var_out is not None:
         pred = jnp.concatenate([pred, var_out], axis=-1)
     lam_s, lam_t = schedule.log_snr[t - 1], schedule.log_snr[t]
+    tables = schedules.reverse_step_tables(schedule, t)
     mean_p, logvar_p, _ = diffusion.p_mean_variance(pred, x_t, lam_s, lam_t, parameterization,
-                                                    variance_type)
-    mean_q, _, logvar_q = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
-    first = diffusion._bcast(t == 1, x0)
-    logvar_q = jnp.where(first, 0.0, logvar_q)  # the t = 1 posterior is a point mass (no KL)
+                                                    variance_type, tables=tables)
+    mean_q = diffusion._bcast(tables.coef_x0, x0) * x0 + diffusion._bcast(tables.coef_xt, x0) * x_t
+    # log beta~_t for t >= 2; the t = 1 posterior is a point mass (no KL, the decoder instead).
+    logvar_q = jnp.broadcast_to(diffusion._bcast(tables.log_var_min, x0), x0.shape)
     kl = _sum_dims(gaussian_kl(mean_q, logvar_q, mean_p, logvar_p))
     nll = _decoder_nll(decoder, x0, mean_p, 0.5 * logvar_p)
     return jnp.where(t == 1, nll, kl)
@@ -442,8 +463,11 @@ def discrete_loss(model_fn: Callable, key, x0, schedule: schedules.DiscreteSched
     if kind == "vlb":
         loss = bits_per_dim(prior_kl(x0, schedule.log_snr[T]) + T * term, num_dims)
     else:
-        log_variance = (diffusion.reverse_log_variance_bounds(lam_s, lam_t)[1]
-                        if variance_type == "fixed_large" else None)
+        log_variance = None
+        if variance_type in ("fixed_small", "fixed_large"):
+            tables = schedules.reverse_step_tables(schedule, t)
+            log_variance = diffusion.fixed_log_variance(variance_type, tables.log_var_min,
+                                                        tables.log_var_max, lam_s)
         simple = simple_loss(pred, x0, eps, x_t, lam_t, parameterization, target, loss_type,
                              weighting, snr_gamma, log_snr_s=lam_s, log_variance=log_variance)
         metrics["simple"] = simple
@@ -506,7 +530,8 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
     timesteps per example: prior + mean_k L_{t_k - 1} / p(t_k), t_k ~ p.
 
     p is uniform (importance=None) or the given probabilities over t = 1..T, shape [T]
-    (e.g. ``loss_history_probs``; Nichol & Dhariwal §3.3). Returns a dict of total [B]
+    (e.g. ``loss_history_probs``; Nichol & Dhariwal §3.3), positive everywhere: a zero
+    probability is a ValueError (traced probabilities with a zero give a NaN total). Returns a dict of total [B]
     (the estimate), stderr [B] (its standard error over the samples), prior [B] and
     samples [num_samples, B] (the per-sample estimates of sum_t L_{t-1}).
     """
@@ -522,6 +547,10 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
         if p.shape != (T,):
             raise ValueError(f"importance must be probabilities over t = 1..T, shape ({T},), "
                              f"got {p.shape}")
+        if not isinstance(importance, jax.core.Tracer) and not np.all(np.asarray(importance) > 0):
+            raise ValueError("importance must be positive at every t = 1..T (a zero leaves those "
+                             "terms out of the estimate and biases it); mix in a uniform "
+                             "distribution as loss_history_probs does")
         p = p / jnp.sum(p)
 
     def one(k):
@@ -535,7 +564,8 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
     samples = jax.lax.map(one, jax.random.split(key, num_samples))  # [num_samples, B]
     prior = prior_kl(x0, schedule.log_snr[T])
     stderr = jnp.std(samples, axis=0, ddof=1) / math.sqrt(num_samples)
-    return dict(total=prior + jnp.mean(samples, axis=0), stderr=stderr, prior=prior,
+    total = jnp.where(jnp.all(p > 0), prior + jnp.mean(samples, axis=0), jnp.nan)
+    return dict(total=total, stderr=stderr, prior=prior,
                 samples=samples)
 
 

@@ -510,7 +510,8 @@ def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps
             return corrector_step(den, x, p["t"], p["lam_t"], alpha_step, snr, noise, axis_name)[0], None
 
         x, _ = lax.scan(inner, x, jnp.arange(corrector_steps))
-        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"]))
+        # The predictor's noise is stream 0 of fold_in(key, i); corrector step j uses stream j + 1.
+        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"], 0))
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 

@@ -180,6 +180,27 @@ def discrete_schedule(name: str, T: int, **kwargs) -> DiscreteSchedule:
     return DiscreteSchedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 
 
+class ReverseStepTables(NamedTuple):
+    """The step t -> t - 1 read from a discrete schedule's float64-derived tables (each [B]):
+    q(x_{t-1} | x_t, x_0) has mean coef_x0 x_0 + coef_xt x_t (Ho et al. eq. 7), and
+    (log_var_min, log_var_max) are improved-diffusion's learned_range bounds
+    (posterior_log_variance_clipped, log betas); see diffusion.reverse_log_variance_bounds."""
+
+    coef_x0: jax.Array
+    coef_xt: jax.Array
+    log_var_min: jax.Array
+    log_var_max: jax.Array
+
+
+def reverse_step_tables(schedule: DiscreteSchedule, t) -> ReverseStepTables:
+    """``ReverseStepTables`` at integer timesteps t (1..T). Each entry is the float64 value
+    rounded once to float32 (the log of a float32 beta adds one more rounding), so the step is
+    exact to float32 rounding; the same values rebuilt from float32 log-SNR differences carry
+    relative errors up to ~1e-4."""
+    return ReverseStepTables(schedule.posterior_mean_coef_x0[t], schedule.posterior_mean_coef_xt[t],
+                             schedule.posterior_log_variance_clipped[t], jnp.log(schedule.betas[t]))
+
+
 def check_timesteps(t, T: int, name: str = "t") -> None:
     """Raise ValueError if concrete integer timesteps are off the grid 1..T.
 
@@ -220,13 +241,19 @@ def cosine_log_snr(t, log_snr_min: float = -20.0, log_snr_max: float = 20.0):
                      2.0 * jnp.log(jnp.tan(theta_c)))
 
 
-def vp_linear_log_snr(t, beta_min: float = 0.1, beta_max: float = 20.0):
-    """Song et al. 2021 VP-SDE with beta(t) linear from beta_min to beta_max.
+def vp_linear_log_snr(t, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
+    """Song et al. 2021 VP-SDE with beta(tau) linear from beta_min to beta_max, on tau in [t_min, 1].
 
-    alpha_t^2 = exp(-B(t)), B(t) = beta_min t + (beta_max - beta_min) t^2 / 2, so
-    log_snr = -log(expm1(B(t))); log_snr(0) = +inf (use t >= 1e-5 as Song et al.).
+    alpha^2 = exp(-B(tau)), B(tau) = beta_min tau + (beta_max - beta_min) tau^2 / 2, so
+    log_snr = -log(expm1(B(tau))), with tau = t_min + (1 - t_min) t for t in [0, 1]. The SDE's
+    log-SNR is +inf at tau = 0; score_sde integrates from eps = 1e-5 (its likelihood and
+    samplers' smallest time), which ``t_min`` makes t = 0 of this schedule: log_snr(0) =
+    -log(expm1(B(1e-5))) ~ 13.8, a finite data end for the decoder of ``vdm_loss``.
     """
-    B = beta_min * t + 0.5 * (beta_max - beta_min) * t ** 2
+    if not 0.0 < t_min < 1.0:
+        raise ValueError(f"t_min must lie in (0, 1), got {t_min!r}")
+    tau = t_min + (1.0 - t_min) * t
+    B = beta_min * tau + 0.5 * (beta_max - beta_min) * tau ** 2
     return -jnp.log(jnp.expm1(B))
 
 

@@ -35,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers
 
+from vdm import baselines
 from vdm import config as config_lib
 from vdm import data as data_lib
 from vdm import diffusion
@@ -251,15 +252,18 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                              dropout_key=key if train else None)
 
     def split(key, index):
-        """Per-example keys for (t, eps, eps_0) and one device key for dropout."""
-        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
-        return keys[:, 0], keys[:, 1], keys[:, 2], jax.random.fold_in(keys[0, 0], 1)
+        """Per-example keys for (t, eps, eps_0), the antithetic time offset's key and this
+        device's dropout key, from three separate streams of the step's key (no key is both
+        split and drawn from)."""
+        k_examples, k_offset, k_drop = jax.random.split(key, 3)
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(k_examples, index))
+        return keys[:, 0], keys[:, 1], keys[:, 2], k_offset, jax.random.fold_in(k_drop, index[0])
 
     if process.discrete:
         common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
 
         def loss(params, key, index, x, loss_state, train):
-            k_t, k_eps, _, k_drop = split(key, index)
+            k_t, k_eps, _, _, k_drop = split(key, index)
             if importance:
                 t, w = jax.vmap(lambda k: losses.loss_history_sample(loss_state, k, 1))(k_t)
                 t, w = t[:, 0], w[:, 0]
@@ -285,8 +289,8 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
         common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
 
         def vdm_nats(params, key, index, x, train):
-            k_t, k_eps, k_eps0, k_drop = split(key, index)
-            u = (low_discrepancy_times(key, index) if lc.antithetic
+            k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
+            u = (low_discrepancy_times(k_offset, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             total, metrics = losses.vdm_loss(model_fn(params, k_drop, train),
                                              lambda t: process.log_snr(params, t), k_drop, x,
@@ -304,7 +308,11 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                                      False)[0])
 
     def nelbo_bpd(params, key, x):
-        return losses.bits_per_dim(nelbo_nats(params, key, x), x.size)
+        """bits/dim on the 8-bit scale: a dequantized density's bound gets log2(127.5) per dim."""
+        nats = nelbo_nats(params, key, x)
+        if config.data.dequantize:
+            nats = losses.dequantized_nats(nats, x.size)
+        return losses.bits_per_dim(nats, x.size)
 
     if importance:
         init = lambda: losses.loss_history_init(process.T, lc.history)
@@ -698,6 +706,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     p_train = make_p_train(setup.objective, optimizer, optim)
     p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
                       in_axes=(0, 0, 0, None, None))
+    # The best factorized model of the split (per-pixel categorical), beside the -ELBO in the log.
+    baseline = (baselines.reference_bpd(train_ds.iterate_epoch(config.eval.batch_size),
+                                        eval_ds.iterate_epoch(config.eval.batch_size))
+                if len(train_ds.data_shape) == 3 and jax.process_count() == 1 else None)
     k = train.steps_per_call
     last_bpd = "-"  # the test -ELBO of the last evaluation, shown on the progress line
     tick, tick_step = time.time(), step
@@ -725,6 +737,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         f"eval bpd {last_bpd} | {rate:.1f} steps/s")
         if step % config.eval.every == 0 or done:
             scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
+            if baseline is not None:
+                scores["pixel_baseline_bpd"] = baseline["mean"]
             last_bpd = f"{scores['eval_bpd']:.3f}"
             log.write(step, scores)
             log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
