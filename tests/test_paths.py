@@ -120,6 +120,20 @@ def test_edm_parameterization_is_karras_table_1():
     np.testing.assert_allclose(diffusion.convert(f, x_t, lam, "edm", "v", 1.0), -f, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["flow", "edm"])
+def test_snr_weighting_in_flow_and_edm_space_is_the_x0_error(target):
+    """simple_loss's weightings convert a flow / edm error to the x0 error: weighting 'snr' in that
+    space is SNR * ||x0_hat - x0||^2 whatever the network's parameterization."""
+    rng = np.random.default_rng(7)
+    lam = jnp.asarray(np.linspace(-6, 6, 5), jnp.float32)
+    x0, eps, out = (jnp.asarray(rng.standard_normal((5, 3)), jnp.float32) for _ in range(3))
+    x_t, _ = diffusion.sample_q_xt_given_x0(None, x0, lam, eps)
+    for param in ("eps", "v", target):
+        x0_hat, _ = diffusion.x0_eps_from_output(out, x_t, lam, param)
+        got = losses.simple_loss(out, x0, eps, x_t, lam, param, target=target, weighting="snr")
+        np.testing.assert_allclose(got, jnp.exp(lam) * jnp.mean((x0_hat - x0) ** 2, axis=1), rtol=2e-4)
+
+
 # ---------------------------------------------------------------------------
 # Training times and the continuous simple loss.
 # ---------------------------------------------------------------------------
