@@ -69,6 +69,8 @@ _SAMPLING_STEPS = flags.DEFINE_list("sampling_steps", ["0"], "Comma list of samp
                                     "continuous time: the config's sample.num_steps). Several samplers or "
                                     "step counts: one row each, and <workdir>/sample_quality.png.")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (--sampler=ddim).")
+_SPACING = flags.DEFINE_string("spacing", "", "Level spacing of the samplers (vdm.samplers.time_grid; "
+                               "default: the config's sample.spacing).")
 _MODES = flags.DEFINE_list("mode_centres", [], "Toy data: mode centres (1-D: numbers; 2-D: x:y pairs); "
                            "reports the fraction of samples nearest each.")
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "InceptionV3 FID weights (.npz) for FID on images.")
@@ -135,19 +137,29 @@ def draw_samples(setup, config, params, key, shape, images, sampler: str, num_st
     """Samples of ``shape`` [n, ...] from the model, and the number of steps taken."""
     import numpy as np
 
-    from vdm import samplers, train
+    from vdm import diffusion, samplers, train
 
     d, process = config.diffusion, setup.process
     steps = num_steps or config.get("sample", {}).get("num_steps", 0) or None
     if steps is None and not process.discrete:
         raise app.UsageError("--sampling_steps is required for a continuous-time model")
-    options = {} if _ETA.value is None or sampler != "ddim" else {"eta": _ETA.value}
+    options = sampler_options(config, sampler)
     model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
     x = samplers.sample(model_fn, key, shape, sampler=sampler, schedule=process.schedule,
                         log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
                         num_steps=steps, parameterization=d.parameterization, variance_type=d.variance,
-                        clip_x0=(-1.0, 1.0) if images else None, **options)
+                        clip_x0=(-1.0, 1.0) if images else None,
+                        sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
+                        spacing=_SPACING.value or config.sample.spacing, **options)
     return np.asarray(x), steps or process.T
+
+
+def sampler_options(config, sampler: str) -> dict:
+    """The config's sample.options when ``sampler`` is the config's sampler, and --eta for ddim."""
+    options = dict(config.sample.get("options", {})) if sampler == config.sample.sampler else {}
+    if _ETA.value is not None and sampler == "ddim":
+        options["eta"] = _ETA.value
+    return options
 
 
 def sample_metrics(setup, config, params, key, dataset, batch_size, images, centres, sampler, num_steps):
@@ -160,7 +172,11 @@ def sample_metrics(setup, config, params, key, dataset, batch_size, images, cent
     n = _NUM_GENERATED.value
     samples, steps = draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), images,
                                   sampler, num_steps)
-    row = {"sampler": sampler, "steps": steps, "num_samples": n}
+    from vdm import samplers
+
+    row = {"sampler": sampler, "steps": steps, "nfe": samplers.num_evaluations(sampler, steps,
+                                                                               sampler_options(config, sampler)),
+           "num_samples": n}
     if images:
         real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
         row.update(image_sample_metrics(_WORKDIR.value, config, dataset, real, samples, _SEED.value))
@@ -281,7 +297,7 @@ def main(argv):
             rows.append(row)
             print(f"sample quality ({sampler}, {row['steps']} steps, {row['num_samples']} samples)")
             for k, v in row.items():
-                if k not in ("sampler", "steps", "num_samples"):
+                if k not in ("sampler", "steps", "nfe", "num_samples"):
                     print(f"  {k:<22}{v}")
         result["samples"] = rows
         metrics = [k for k in ("classifier_fd", "fid", "mmd", "sliced_wasserstein") if k in rows[0]]
@@ -290,7 +306,7 @@ def main(argv):
                   "--inception_weights)")
         elif len(rows) > 1:
             path = viz.plot_ablation(os.path.join(workdir, "sample_quality.png"), rows, metrics, label="sampler",
-                                     x="steps", log_x=True, title="sample quality vs sampling steps")
+                                     x="nfe", log_x=True, title="sample quality vs network evaluations")
             print(f"wrote {path}")
 
     out = _OUT.value or os.path.join(workdir, f"eval_{_SPLIT.value}.json")

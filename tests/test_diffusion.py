@@ -204,7 +204,7 @@ def test_jit_vmap_grad_compatible_and_traced_levels_do_not_retrace():
 
 def test_bad_arguments_raise_value_error_naming_them():
     x = jnp.zeros((4, 3))
-    with pytest.raises(ValueError, match=r"parameterization must be one of \('eps', 'x0', 'v', 'score'\)"):
+    with pytest.raises(ValueError, match=r"parameterization must be one of \('eps', 'x0', 'v', 'score', 'flow', 'edm'\)"):
         diffusion.x0_eps_from_output(x, x, 0.0, "mean")
     with pytest.raises(ValueError, match=r"variance type must be one of \('fixed_small'"):
         diffusion.p_mean_variance(x, x, 1.0, 0.0, "eps", "small")

@@ -29,6 +29,7 @@ TIMES = ("discrete", "continuous")
 TIME_INPUTS = ("t", "log_snr")
 CONTINUOUS_SCHEDULES = schedules.CONTINUOUS_SCHEDULES + ("learned",)
 ELBO_METHODS = ("mc", "exact")
+CONTINUOUS_LOSSES = ("vdm", "simple")  # simple: losses.continuous_simple_loss (EDM, flow matching)
 DECAYS = ("constant", "cosine")
 
 
@@ -48,7 +49,8 @@ def defaults() -> ml_collections.ConfigDict:
         schedule="cosine",          # DISCRETE_SCHEDULES, or CONTINUOUS_SCHEDULES + ("learned",)
         schedule_kwargs=ml_collections.ConfigDict(),
         T=1000,                     # discrete: steps; continuous: 0 = continuous-time VDM loss, else its T-step form
-        parameterization="eps",     # eps | x0 | v | score
+        parameterization="eps",     # eps | x0 | v | score | flow | edm
+        sigma_data=diffusion_lib.EDM_SIGMA_DATA,  # the "edm" parameterization's data std (Karras et al.)
         variance="fixed_large",     # fixed_small | fixed_large | learned_range | learned
         time_input="t",             # the network sees "t" (its time_range is (0, T) or (0, 1)) or "log_snr"
     ))
@@ -58,6 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
         decoder="auto",             # auto: discretized / categorical for 8-bit data, gaussian otherwise
         importance_sampling=False, history=10,  # loss-history sampling of t for "vlb"
         antithetic=True,            # vdm: low-discrepancy times over the global batch
+        # continuous "simple" (EDM, flow matching): the training times (losses.sample_times)
+        t_sampling="uniform", t_loc=0.0, t_scale=1.0,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9,
@@ -69,7 +73,8 @@ def defaults() -> ml_collections.ConfigDict:
         every=1000, batch_size=100, num_batches=0,  # 0 = the whole held-out split
         elbo="mc", elbo_samples=8, elbo_chunk=50))
     c.sample = ml_collections.ConfigDict(dict(
-        num_samples=64, sampler="ancestral", num_steps=0, spacing="linspace", clip_x0=True))
+        num_samples=64, sampler="ancestral", num_steps=0, spacing="linspace", clip_x0=True,
+        options=ml_collections.ConfigDict()))  # the sampler's own: eta, order, method, S_churn, ...
     return c
 
 
@@ -190,8 +195,9 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     _require("loss", loss, ("name", "loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
                             "decoder", "importance_sampling", "history", "antithetic"))
     if d.time == "continuous":
-        if loss.name != "vdm":
-            _fail("loss.name", loss.name, "continuous time (diffusion.time = 'continuous') trains with 'vdm'")
+        if loss.name not in CONTINUOUS_LOSSES:
+            _fail("loss.name", loss.name, f"continuous time (diffusion.time = 'continuous') trains with one of "
+                  f"{CONTINUOUS_LOSSES}")
         _one_of(loss, "decoder", "loss", ("auto",) + losses.VDM_DECODERS)
     else:
         _one_of(loss, "name", "loss", losses.LOSS_KINDS)
@@ -285,6 +291,58 @@ def _check_discrete_grid(sample: ml_collections.ConfigDict, d: ml_collections.Co
               "spacing linspace); use 'learned_range' to respace, or sampler 'ddim'")
 
 
+def validate_paths(d: ml_collections.ConfigDict, loss: ml_collections.ConfigDict) -> None:
+    """The fields of EDM, flow matching and zero terminal SNR (Karras et al. 2022; Lipman et al.
+    2023; Lin et al. 2024): sigma_data, the continuous simple loss's times, and the
+    parameterizations a schedule reaching SNR 0 allows."""
+    _require("diffusion", d, ("sigma_data",))
+    _require("loss", loss, ("t_sampling", "t_loc", "t_scale"))
+    _number_in(d, "sigma_data", "diffusion", 0.0, float("inf"), low_open=True)
+    _one_of(loss, "t_sampling", "loss", losses.T_SAMPLINGS)
+    _number_in(loss, "t_loc", "loss", -float("inf"), float("inf"))
+    _number_in(loss, "t_scale", "loss", 0.0, float("inf"), low_open=True)
+    if d.time == "discrete" and d.parameterization == "edm" and d.sigma_data != diffusion_lib.EDM_SIGMA_DATA:
+        _fail("diffusion.sigma_data", d.sigma_data, f"discrete-time losses use the default "
+              f"{diffusion_lib.EDM_SIGMA_DATA}; another sigma_data needs diffusion.time = 'continuous'")
+    if d.time == "continuous" and loss.name == "simple" and d.schedule == "learned":
+        _fail("loss.name", "simple", "a learned schedule is trained by the ELBO; use 'vdm' (the simple loss "
+              "would move the schedule to where the regression is easiest)")
+    if d.time == "continuous" and loss.name == "vdm" and d.schedule == "flow":
+        _fail("loss.name", "vdm", "the VDM loss needs finite log-SNR at t = 0 and 1; the 'flow' schedule's "
+              "are +-inf: use loss.name 'simple' (conditional flow matching)")
+    zero_snr = (d.time == "discrete" and bool(dict(d.schedule_kwargs).get("zero_terminal_snr"))) or (
+        d.time == "continuous" and d.schedule == "flow")
+    if zero_snr and d.parameterization in ("eps", "score"):
+        _fail("diffusion.parameterization", d.parameterization, "the schedule reaches SNR 0, where eps does not "
+              "determine x0 (Lin et al. 2024, §3.2): use one of ('v', 'x0', 'flow', 'edm')")
+
+
+def validate_sample_method(sample: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    """``sample.options`` against the sampler's own options, and whether the sampler can start at the
+    grid's first level (SNR 0 for the 'flow' schedule or a zero-terminal-SNR table)."""
+    _require("sample", sample, ("options",))
+    options = dict(sample.options)
+    try:
+        samplers.check_options(sample.sampler, options)
+    except ValueError as e:
+        _fail("sample.options", options, str(e))
+    if d.time == "discrete":
+        table = schedules.discrete_schedule(d.schedule, d.T, **dict(d.schedule_kwargs))
+        levels = dict(schedule=table)
+    elif d.schedule == "learned":
+        return
+    else:
+        levels = dict(log_snr_fn=schedules.continuous_schedule(d.schedule, **dict(d.schedule_kwargs)))
+    num_steps = sample.num_steps or (d.T if d.time == "discrete" else 0)
+    if not num_steps:
+        return
+    grid = samplers.time_grid(num_steps, spacing=sample.spacing, **levels)
+    try:
+        samplers.check_zero_snr_start(grid, sample.sampler, d.parameterization)
+    except ValueError as e:
+        _fail("sample.sampler", sample.sampler, str(e))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check every field of a training config; raise ValueError naming the first bad one."""
     missing = [s for s in SECTIONS if s not in config]
@@ -301,5 +359,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.eval.elbo == "exact" and config.diffusion.time != "discrete":
         _fail("eval.elbo", "exact", "the exact sum over T terms needs diffusion.time = 'discrete'; use 'mc'")
     validate_sample(config.sample, config.diffusion)
+    validate_paths(config.diffusion, config.loss)
+    validate_sample_method(config.sample, config.diffusion)
     validate_model(config.model, config.diffusion)
     data_lib.validate_config(config.data)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "score")
+PARAMETERIZATIONS = ("eps", "x0", "v", "score", "flow", "edm")
+EDM_SIGMA_DATA = 0.5  # Karras et al. 2022, Table 1 (images in [-1, 1])
 
 
 def _bcast(a, x):
@@ -117,14 +118,18 @@ def q_posterior(x0, x_t, log_snr_s, log_snr_t):
     sigma^2 = sigma_s^2 (-expm1(lambda_t - lambda_s)).
 
     Returns (mean, variance, log_variance). With lambda_s = +inf (s = 0, data)
-    the posterior is the point mass at x_0: mean x_0, variance 0.
+    the posterior is the point mass at x_0: mean x_0, variance 0. With lambda_t = -inf
+    (SNR 0, a zero-terminal-SNR schedule's x_T) x_t carries no signal: mean alpha_s x_0,
+    variance sigma_s^2.
     """
     _check_same_shape(x0=x0, x_t=x_t)
     lam_s, lam_t = _bcast(log_snr_s, x_t), _bcast(log_snr_t, x_t)
     alpha_s, _ = alpha_sigma(lam_s)
-    alpha_t, _ = alpha_sigma(lam_t)
     one_minus_ratio = -jnp.expm1(lam_t - lam_s)          # 1 - SNR(t)/SNR(s), in [0, 1]
-    mean = jnp.exp(lam_t - lam_s) * (alpha_s / alpha_t) * x_t + alpha_s * one_minus_ratio * x0
+    # e^{lambda_t - lambda_s} alpha_s / alpha_t in logs, with lambda_t - log alpha_t written as
+    # (lambda_t + softplus(lambda_t)) / 2 so that it stays 0 at SNR(t) = 0 (lambda_t = -inf, alpha_t = 0).
+    log_coef_xt = 0.5 * (lam_t + jax.nn.softplus(lam_t)) - lam_s + 0.5 * jax.nn.log_sigmoid(lam_s)
+    mean = jnp.exp(log_coef_xt) * x_t + alpha_s * one_minus_ratio * x0
     log_var = jax.nn.log_sigmoid(-lam_s) + jnp.log(one_minus_ratio)
     return mean, jnp.broadcast_to(jnp.exp(log_var), x_t.shape), jnp.broadcast_to(log_var, x_t.shape)
 
@@ -139,7 +144,46 @@ def check_parameterization(name: str) -> None:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {name!r}")
 
 
-def x0_eps_from_output(output, x_t, log_snr_t, parameterization: str):
+def _edm_scale(alpha, sigma, sigma_data):
+    """m = sqrt(sigma^2 + sigma_data^2 alpha^2): the standard deviation of x_t for data of standard
+    deviation sigma_data; m / alpha = sqrt(sigma_ve^2 + sigma_data^2) of Karras et al. 2022, Table 1."""
+    return jnp.sqrt(sigma ** 2 + (sigma_data * alpha) ** 2)
+
+
+def edm_preconditioning(log_snr, sigma_data: float = EDM_SIGMA_DATA):
+    """Karras et al. 2022 (EDM), Table 1, at sigma = sigma_ve = exp(-lambda / 2):
+
+      c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
+      c_in = 1 / sqrt(sigma^2 + sd^2),   c_noise = ln(sigma) / 4 = -lambda / 8,
+
+    with D(y; sigma) = c_skip y + c_out F(c_in y; c_noise) on the VE variable y = x_t / alpha.
+    The training weight lambda(sigma) = 1 / c_out^2 makes the loss ||F - F_target||^2 with unit
+    weight (``simple_loss`` on the "edm" target). Returns (c_skip, c_out, c_in, c_noise).
+    """
+    log_snr = jnp.asarray(log_snr, jnp.float32)
+    var = jnp.exp(-log_snr) + sigma_data ** 2
+    sigma = jnp.exp(-0.5 * log_snr)
+    return sigma_data ** 2 / var, sigma * sigma_data / jnp.sqrt(var), 1.0 / jnp.sqrt(var), -log_snr / 8.0
+
+
+def network_input_scale(log_snr, parameterization: str, sigma_data: float = EDM_SIGMA_DATA):
+    """The factor the network input x_t is multiplied by: c_in y = x_t / m for "edm" (Karras et al.
+    c_in in VP terms, unit variance for data of standard deviation sigma_data), 1 otherwise."""
+    check_parameterization(parameterization)
+    if parameterization != "edm":
+        return jnp.ones_like(jnp.asarray(log_snr, jnp.float32))
+    alpha, sigma = alpha_sigma(log_snr)
+    return 1.0 / _edm_scale(alpha, sigma, sigma_data)
+
+
+def flow_scale(log_snr):
+    """n = 1 / (alpha + sigma): the rectified-flow state is x^flow = n x_t, its time tau = n sigma =
+    sigmoid(-lambda / 2) (so that x^flow = (1 - tau) x_0 + tau eps; ``vdm.schedules.flow_log_snr``)."""
+    alpha, sigma = alpha_sigma(log_snr)
+    return 1.0 / (alpha + sigma)
+
+
+def x0_eps_from_output(output, x_t, log_snr_t, parameterization: str, sigma_data: float = EDM_SIGMA_DATA):
     """(x0_hat, eps_hat) from a network output in the given parameterization.
 
     With x_t = alpha x_0 + sigma eps:
@@ -148,6 +192,14 @@ def x0_eps_from_output(output, x_t, log_snr_t, parameterization: str):
       v:     v = alpha eps - sigma x0 (Salimans & Ho 2022), so x0 = alpha x_t - sigma v,
              eps = sigma x_t + alpha v
       score: s = grad log q(x_t) = -eps / sigma (Song & Ermon 2019)
+      flow:  u = eps - x0, the velocity d x^flow / d tau of the rectified flow through this level
+             (Liu et al. 2023; Lipman et al. 2023): x0 = (x_t - sigma u) / (alpha + sigma),
+             eps = (x_t + alpha u) / (alpha + sigma)
+      edm:   F with x0 = c_skip y + c_out F (Karras et al. 2022, Table 1; y = x_t / alpha,
+             sd = sigma_data, m = sqrt(sigma^2 + sd^2 alpha^2)): x0 = sd^2 alpha x_t / m^2 + sigma sd F / m,
+             eps = sigma x_t / m^2 - alpha sd F / m. With sd = 1 (m = 1) F = -v.
+    flow, edm and v are finite at every level, SNR 0 (alpha = 0) included; eps and score do not
+    determine x0 there.
     """
     check_parameterization(parameterization)
     _check_same_shape(output=output, x_t=x_t)
@@ -161,14 +213,22 @@ def x0_eps_from_output(output, x_t, log_snr_t, parameterization: str):
     elif parameterization == "v":
         x0 = alpha * x_t - sigma * output
         eps = sigma * x_t + alpha * output
-    else:  # score
+    elif parameterization == "score":
         eps = -sigma * output
         x0 = (x_t - sigma * eps) / alpha
+    elif parameterization == "flow":
+        x0 = (x_t - sigma * output) / (alpha + sigma)
+        eps = (x_t + alpha * output) / (alpha + sigma)
+    else:  # edm
+        m = _edm_scale(alpha, sigma, sigma_data)
+        x0 = sigma_data ** 2 * alpha * x_t / m ** 2 + sigma * sigma_data * output / m
+        eps = sigma * x_t / m ** 2 - alpha * sigma_data * output / m
     return x0, eps
 
 
-def output_from_x0_eps(x0, eps, x_t, log_snr_t, parameterization: str):
-    """The inverse of ``x0_eps_from_output``: the target a network of this parameterization regresses."""
+def output_from_x0_eps(x0, eps, x_t, log_snr_t, parameterization: str, sigma_data: float = EDM_SIGMA_DATA):
+    """The inverse of ``x0_eps_from_output``: the target a network of this parameterization regresses
+    (edm: F = sigma x0 / (m sd) - sd alpha eps / m, unit variance when Var x0 = sd^2)."""
     check_parameterization(parameterization)
     alpha, sigma = alpha_sigma(_bcast(log_snr_t, x_t))
     if parameterization == "eps":
@@ -177,13 +237,18 @@ def output_from_x0_eps(x0, eps, x_t, log_snr_t, parameterization: str):
         return x0
     if parameterization == "v":
         return alpha * eps - sigma * x0
+    if parameterization == "flow":
+        return eps - x0
+    if parameterization == "edm":
+        m = _edm_scale(alpha, sigma, sigma_data)
+        return sigma * x0 / (m * sigma_data) - sigma_data * alpha * eps / m
     return -eps / sigma
 
 
-def convert(output, x_t, log_snr_t, source: str, target: str):
+def convert(output, x_t, log_snr_t, source: str, target: str, sigma_data: float = EDM_SIGMA_DATA):
     """Convert a prediction from one parameterization to another at level log_snr_t."""
-    x0, eps = x0_eps_from_output(output, x_t, log_snr_t, source)
-    return output_from_x0_eps(x0, eps, x_t, log_snr_t, target)
+    x0, eps = x0_eps_from_output(output, x_t, log_snr_t, source, sigma_data)
+    return output_from_x0_eps(x0, eps, x_t, log_snr_t, target, sigma_data)
 
 
 # ---------------------------------------------------------------------------

@@ -201,10 +201,15 @@ def _decoder_nll(decoder: str, x0, mean, log_scale):
 # ---------------------------------------------------------------------------
 
 
-def _log_x0_error_factor(target: str, log_snr_t):
+def _log_x0_error_factor(target: str, log_snr_t, sigma_data: float = diffusion.EDM_SIGMA_DATA):
     """log c with ||x0 - x0_hat||^2 = c ||y - y_hat||^2 for a prediction y in ``target`` space:
-    eps: sigma^2/alpha^2, x0: 1, v: sigma^2, score: sigma^4/alpha^2 (at fixed x_t)."""
+    eps: sigma^2/alpha^2, x0: 1, v: sigma^2, score: sigma^4/alpha^2, flow: sigma^2/(alpha + sigma)^2,
+    edm: sigma^2 sd^2 / (sigma^2 + sd^2 alpha^2) = c_out^2 (at fixed x_t)."""
     log_s2, log_a2 = jax.nn.log_sigmoid(-log_snr_t), jax.nn.log_sigmoid(log_snr_t)
+    if target == "flow":
+        return log_s2 - 2.0 * jnp.log(jnp.exp(0.5 * log_a2) + jnp.exp(0.5 * log_s2))
+    if target == "edm":
+        return log_s2 + 2.0 * math.log(sigma_data) - jnp.logaddexp(log_s2, 2.0 * math.log(sigma_data) + log_a2)
     return {"eps": -log_snr_t, "x0": jnp.zeros_like(log_snr_t), "v": log_s2,
             "score": 2.0 * log_s2 - log_a2}[target]
 
@@ -243,7 +248,7 @@ def _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma
 
 def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: str | None = None,
                 loss_type: str = "l2", weighting: str = "none", snr_gamma: float = 5.0, *,
-                log_snr_s=None, log_variance=None):
+                log_snr_s=None, log_variance=None, sigma_data: float = diffusion.EDM_SIGMA_DATA):
     """Regression loss on the prediction, mean over data dimensions: shape [B].
 
     ``output`` (the model's prediction part, x_t's shape) is read in
@@ -261,15 +266,18 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
                       fixed log-variance (``discrete_loss`` does, from the schedule's tables;
                       the default, fixed_small's, falls back to sigma_{t|0}^2 into the data
                       level). Needs ``log_snr_s`` (the previous level).
-    Reweighting is defined for L2 only; l1 takes weighting "none".
+    Reweighting is defined for L2 only; l1 takes weighting "none". ``sigma_data`` is the "edm"
+    parameterization's; with target "edm" and weighting "none" this is the EDM loss (Karras et al.
+    2022, eq. 8 with lambda(sigma) = 1 / c_out^2), with target "flow" the conditional
+    flow-matching loss ||u_hat - (eps - x0)||^2 (Lipman et al. 2023, eq. 23).
     """
     target = _check_simple_args(parameterization, target, loss_type, weighting, snr_gamma)
     if weighting == "elbo" and log_snr_s is None:
         raise ValueError("weighting 'elbo' needs log_snr_s, the log-SNR of the previous level")
     diffusion._check_same_shape(output=output, x0=x0, eps=eps, x_t=x_t)
 
-    pred = diffusion.convert(output, x_t, log_snr_t, parameterization, target)
-    true = diffusion.output_from_x0_eps(x0, eps, x_t, log_snr_t, target)
+    pred = diffusion.convert(output, x_t, log_snr_t, parameterization, target, sigma_data)
+    true = diffusion.output_from_x0_eps(x0, eps, x_t, log_snr_t, target, sigma_data)
     err = pred - true
     per_example = _mean_dims(jnp.square(err) if loss_type == "l2" else jnp.abs(err))
     if weighting == "none":
@@ -281,7 +289,7 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
         "min_snr": lambda: jnp.minimum(lam, math.log(snr_gamma)),
         "elbo": lambda: elbo_log_weight(log_snr_s, lam, log_variance),
     }[weighting]()
-    return jnp.exp(log_w + _log_x0_error_factor(target, lam)) * per_example
+    return jnp.exp(log_w + _log_x0_error_factor(target, lam, sigma_data)) * per_example
 
 
 # ---------------------------------------------------------------------------
@@ -635,3 +643,66 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
         alpha_0, _ = diffusion.alpha_sigma(lam_0)
         dec = _decoder_nll(decoder, x0, z_0 / alpha_0, jnp.broadcast_to(-0.5 * lam_0, x0.shape))
     return prior + diff + dec, dict(prior=prior, diffusion=diff, decoder=dec, t=t)
+
+
+# ---------------------------------------------------------------------------
+# Continuous-time regression losses: EDM, flow matching, eps/x0/v at sampled levels.
+# ---------------------------------------------------------------------------
+
+T_SAMPLINGS = ("uniform", "logit_normal", "log_normal")
+T_SAMPLING_DEFAULTS = {"uniform": (0.0, 1.0), "logit_normal": (0.0, 1.0), "log_normal": (-1.2, 1.2)}
+T_CLIP = 1e-5  # uniform t is kept in [T_CLIP, 1 - T_CLIP] (Song et al. 2021's eps = 1e-5)
+
+
+def sample_times(key, log_snr_fn: Callable, batch: int, kind: str = "uniform",
+                 loc: float = 0.0, scale: float = 1.0, u=None):
+    """Training times t [B] in (0, 1) of a continuous schedule:
+
+      uniform       t ~ U(T_CLIP, 1 - T_CLIP);
+      logit_normal  t = sigmoid(loc + scale n), n ~ N(0, 1) (Esser et al. 2024, §3.1; loc 0, scale 1);
+      log_normal    sigma_ve = exp(loc + scale n) (Karras et al. 2022, P_mean = -1.2, P_std = 1.2),
+                    lambda = -2 log sigma_ve, t = log_snr_fn^{-1}(lambda) by bisection.
+
+    On the "flow" schedule (log-SNR = -2 logit t) logit-normal t is a normal log-SNR with mean
+    -2 loc and standard deviation 2 scale, and log-normal sigma one with mean -2 loc and standard
+    deviation 2 scale: the two papers' choices are the same family. ``u`` [B] (uniform numbers)
+    replaces the draw of the uniform / normal variate (through its inverse CDF).
+    """
+    _check_choice("t_sampling", kind, T_SAMPLINGS)
+    if not scale > 0:
+        raise ValueError(f"scale of the {kind} time distribution must be > 0, got {scale!r}")
+    if u is None:
+        u = jax.random.uniform(key, (batch,))
+    if kind == "uniform":
+        return T_CLIP + (1.0 - 2.0 * T_CLIP) * u
+    n = jax.scipy.special.ndtri(jnp.clip(u, 1e-7, 1.0 - 1e-7))
+    if kind == "logit_normal":
+        return jax.nn.sigmoid(loc + scale * n)
+    return schedules.invert_log_snr(log_snr_fn, -2.0 * (loc + scale * n))
+
+
+def continuous_simple_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *,
+                           parameterization: str = "eps", t_sampling: str = "uniform",
+                           loc: float | None = None, scale: float | None = None,
+                           sigma_data: float = diffusion.EDM_SIGMA_DATA, u=None, eps=None):
+    """Per-example unweighted MSE in the network's own parameterization at levels t drawn by
+    ``sample_times``: mean over dims of ||output - target(x0, eps)||^2, shape [B] (``simple_loss``):
+
+      edm  + log_normal:   the EDM loss, Karras et al. 2022 eq. 8 / Table 1 (lambda c_out^2 = 1);
+      flow + uniform or logit_normal on the "flow" schedule: conditional flow matching
+           (Lipman et al. 2023 eq. 23; Liu et al. 2023; Esser et al. 2024 §3.1);
+      eps / x0 / v:        Ho et al.'s L_simple in continuous time.
+
+    ``loc`` / ``scale`` default to T_SAMPLING_DEFAULTS. ``u`` [B] and ``eps`` (x0's shape)
+    replace the draws of the time variate and the noise. Returns (loss [B], {"t": t}).
+    """
+    diffusion.check_parameterization(parameterization)
+    _check_choice("t_sampling", t_sampling, T_SAMPLINGS)
+    d_loc, d_scale = T_SAMPLING_DEFAULTS[t_sampling]
+    loc, scale = d_loc if loc is None else loc, d_scale if scale is None else scale
+    key_t, key_eps = jax.random.split(key)
+    t = sample_times(key_t, log_snr_fn, x0.shape[0], t_sampling, loc, scale, u)
+    lam = log_snr_fn(t)
+    x_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam, eps)
+    out = model_fn(x_t, t)
+    return simple_loss(out, x0, eps, x_t, lam, parameterization, sigma_data=sigma_data), {"t": t}

@@ -18,6 +18,9 @@ The samplers (``SAMPLERS``):
   langevin   Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1).
   pc         Predictor-corrector (Song et al. 2021, SDE paper, Alg. 2 / Alg. 5).
   ode        The probability-flow ODE, Euler or Heun (Karras et al. 2022, Alg. 1).
+  dpm_solver DPM-Solver++ (Lu et al. 2022), multistep, order 1 (= DDIM), 2 (2M) or 3 (3M).
+  edm        Karras et al. 2022 Alg. 2: stochastic churn (S_churn, S_tmin, S_tmax, S_noise) + Heun.
+  flow       Euler or Heun on the rectified-flow ODE d x^flow / d tau = u (Liu et al. 2023).
 ``encode`` integrates the same ODE upwards (DDIM inversion: x_0 -> x_T).
 
 VP and VE. The model sees the variance-preserving x_t = alpha x_0 + sigma eps.
@@ -43,10 +46,13 @@ import numpy as np
 from jax import lax
 
 from vdm import diffusion
-from vdm.schedules import DiscreteSchedule
+from vdm.schedules import DiscreteSchedule, invert_log_snr
 
-SAMPLERS = ("ancestral", "ddim", "langevin", "pc", "ode")
+SAMPLERS = ("ancestral", "ddim", "langevin", "pc", "ode", "dpm_solver", "edm", "flow")
 SCORE_SAMPLERS = ("langevin", "pc", "ode")
+# Samplers written in the VE variable y = x_t / alpha_t, which is infinite at SNR 0.
+FINITE_START_SAMPLERS = ("langevin", "pc", "ode", "edm")
+DPM_SOLVER_ORDERS = (1, 2, 3)
 DISCRETE_SPACINGS = ("linspace", "leading", "trailing", "quadratic", "karras")
 CONTINUOUS_SPACINGS = ("linspace", "karras")
 ODE_METHODS = ("euler", "heun")
@@ -104,21 +110,6 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     frac = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + frac * (b - a)) ** rho
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def invert_log_snr(log_snr_fn: Callable, log_snr):
-    """t in [0, 1] with log_snr_fn(t) = log_snr, by bisection (log_snr_fn is strictly decreasing)."""
-    log_snr = jnp.asarray(log_snr, jnp.float32)
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        above = log_snr_fn(mid) > log_snr  # the target lies at larger t
-        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-    lo, hi = lax.fori_loop(0, 40, halve, (jnp.zeros_like(log_snr), jnp.ones_like(log_snr)))
-    return 0.5 * (lo + hi)
 
 
 class Grid(NamedTuple):
@@ -239,6 +230,7 @@ class Denoiser:
     variance_type: str = "fixed_small"
     clip_x0: tuple | None = None
     threshold: float | None = None
+    sigma_data: float = diffusion.EDM_SIGMA_DATA  # the "edm" parameterization's (Karras et al.)
 
     def __post_init__(self):
         diffusion.check_parameterization(self.parameterization)
@@ -258,7 +250,7 @@ class Denoiser:
     def __call__(self, x, t, log_snr):
         out = self.model_fn(x, jnp.broadcast_to(t, x.shape[:1]))
         pred, var_out = diffusion.split_variance_output(out, self.variance_type)
-        x0, eps = diffusion.x0_eps_from_output(pred, x, log_snr, self.parameterization)
+        x0, eps = diffusion.x0_eps_from_output(pred, x, log_snr, self.parameterization, self.sigma_data)
         if self.clip_x0 is not None or self.threshold is not None:
             x0 = jnp.clip(x0, *self.clip_x0) if self.clip_x0 else dynamic_threshold(x0, self.threshold)
             _, eps = diffusion.x0_eps_from_output(x0, x, log_snr, "x0")
@@ -364,6 +356,82 @@ def ode_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"
     return alpha_s * y_s, x0
 
 
+def dpm_solver_step(den: Denoiser, x, t, log_snr_t, log_snr_s, history, order):
+    """One step t -> s of multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", Alg. 2 and the
+    official code's multistep_dpm_solver_{first,second,third}_update, data prediction), in the
+    half log-SNR lambda = log(alpha / sigma), h = lambda_s - lambda_t, phi_1 = expm1(-h):
+
+      order 1:  x_s = (sigma_s / sigma_t) x_t - alpha_s phi_1 m0                       (= DDIM)
+      order 2:  ... - 0.5 alpha_s phi_1 D1_0,  D1_0 = (m0 - m1) / r0                   (2M)
+      order 3:  ... + alpha_s phi_2 D1 - alpha_s phi_3 D2 in place of the order-2 term (3M),
+                D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1),
+                phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2,
+
+    where m0 = x0_hat at t and ``history = ((m1, lambda_1), (m2, lambda_2))`` holds x0_hat at the two
+    previous levels, r0 = (lambda_t - lambda_1) / h, r1 = (lambda_1 - lambda_2) / h. ``order`` (traced)
+    is this step's order; the driver lowers it for warm-up and the final step. sigma_s / sigma_t is
+    taken in logs, so a first level at SNR 0 (sigma_t = 1, h = inf) and the last step into the data
+    (h = inf: x_0 = m0) are exact. Returns (x_s, x0_hat)."""
+    x0, _, _ = den(x, t, log_snr_t)
+    (m1, lam_1), (m2, lam_2) = history
+    alpha_s, _ = diffusion.alpha_sigma(log_snr_s)
+    h = 0.5 * (log_snr_s - log_snr_t)
+    sigma_ratio = jnp.exp(0.5 * (jax.nn.log_sigmoid(-log_snr_s) - jax.nn.log_sigmoid(-log_snr_t)))
+    phi_1 = jnp.expm1(-h)
+    x_s = sigma_ratio * x - alpha_s * phi_1 * x0
+    r0 = jnp.where(order >= 2, 0.5 * (log_snr_t - lam_1) / h, 1.0)
+    r1 = jnp.where(order >= 3, 0.5 * (lam_1 - lam_2) / h, 1.0)
+    d1_0, d1_1 = (x0 - m1) / r0, (m1 - m2) / r1
+    second = -0.5 * alpha_s * phi_1 * d1_0
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = phi_2 / h - 0.5
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    third = alpha_s * phi_2 * d1 - alpha_s * phi_3 * d2
+    return x_s + jnp.where(order == 2, second, jnp.where(order == 3, third, 0.0)), x0
+
+
+def edm_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, noise, gamma, S_noise: float,
+             time_of: Callable):
+    """One step of Karras et al. 2022 Alg. 2 (lines 4-10) in y = x / alpha, sigma = exp(-lambda / 2):
+
+      sigma_hat = (1 + gamma) sigma_t,  y_hat = y + sqrt(sigma_hat^2 - sigma_t^2) S_noise z,
+
+    then the Heun step sigma_hat -> sigma_s (``ode_step``; Euler into the data level). ``time_of``
+    maps a log-SNR to the nearest level the model knows, (model time, its log-SNR) (NVlabs'
+    ``round_sigma``: a discrete schedule's nearest table entry); gamma = 0 stays at (t, lambda_t).
+    Returns (x_s, x0_hat)."""
+    t_hat, lam_hat = time_of(log_snr_t - 2.0 * jnp.log1p(gamma))
+    t_hat = jnp.where(gamma > 0, t_hat, t).astype(jnp.asarray(t).dtype)
+    lam_hat = jnp.where(gamma > 0, lam_hat, log_snr_t)
+    alpha_t, _ = diffusion.alpha_sigma(log_snr_t)
+    alpha_hat, _ = diffusion.alpha_sigma(lam_hat)
+    extra_var = jnp.maximum(jnp.exp(-lam_hat) - jnp.exp(-log_snr_t), 0.0)
+    y_hat = x / alpha_t + jnp.sqrt(extra_var) * S_noise * noise
+    return ode_step(den, alpha_hat * y_hat, t_hat, lam_hat, s, log_snr_s, "heun")
+
+
+def flow_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"):
+    """One step t -> s of the rectified-flow ODE d z / d tau = u(z, tau), u = E[eps - x_0 | z]
+    (Liu et al. 2023; Lipman et al. 2023), in the flow state z = x / (alpha + sigma) and time
+    tau = sigmoid(-lambda / 2), where z = (1 - tau) x_0 + tau eps (``vdm.diffusion.flow_scale``):
+    "euler" z_s = z_t + (tau_s - tau_t) u_t, which is DDIM (eta = 0) on any schedule; "heun" the
+    trapezoid with u re-evaluated at s, Euler into the data level (tau_s = 0) as Karras Alg. 1.
+    Finite at SNR 0 (tau = 1, z = x). Returns (x_s, x0_hat)."""
+    n_t, n_s = diffusion.flow_scale(log_snr_t), diffusion.flow_scale(log_snr_s)
+    dtau = jax.nn.sigmoid(-0.5 * log_snr_s) - jax.nn.sigmoid(-0.5 * log_snr_t)
+    x0, eps, _ = den(x, t, log_snr_t)
+    z = n_t * x
+    u = eps - x0
+    z_s = z + dtau * u
+    if method == "heun":
+        def correct():
+            x0_s, eps_s, _ = den(z_s / n_s, s, log_snr_s)
+            return z + 0.5 * dtau * (u + eps_s - x0_s)
+        z_s = lax.cond(jnp.isinf(log_snr_s), lambda: z_s, correct)
+    return z_s / n_s, x0
+
+
 # ---------------------------------------------------------------------------
 # The scan driver.
 # ---------------------------------------------------------------------------
@@ -386,17 +454,22 @@ def _normal(keys, x, i, j=None):
     return jax.vmap(one)(keys)
 
 
-def _drive(step, x, plan: dict, grid: Grid, every: int | None):
+def _drive(step, x, plan: dict, grid: Grid, every: int | None, state=None):
     """Run ``step(x, inputs) -> (x, x0_hat)`` over the leading axis of ``plan`` with lax.scan.
 
     With ``every`` = k the steps run in chunks of k (an outer scan over an inner
     one, the last chunk padded with no-op steps) and the state after each chunk
     is kept; without it nothing per step is kept, so memory does not grow with
-    the number of steps. Returns (x, Trajectory or None).
+    the number of steps. A multistep solver passes its memory as ``state`` (a
+    pytree); the carry is then (x, state) and ``step((x, state), inputs) ->
+    ((x, state), x0_hat)``. Returns (x, Trajectory or None).
     """
+    first = (lambda c: c) if state is None else (lambda c: c[0])
+    x_init = x
+    x = x if state is None else (x, state)
     if every is None:
         x, _ = lax.scan(lambda c, inp: (step(c, inp)[0], None), x, plan)
-        return x, None
+        return first(x), None
     n = grid.times.shape[0] - 1
     n_rec = -(-n // every)
     idx = np.minimum(np.arange(n_rec * every), n - 1)
@@ -406,15 +479,16 @@ def _drive(step, x, plan: dict, grid: Grid, every: int | None):
     def inner(carry, inputs):
         inp, ok = inputs
         x_new, x0_new = step(carry[0], inp)
-        return (jnp.where(ok, x_new, carry[0]), jnp.where(ok, x0_new, carry[1])), None
+        keep = jax.tree.map(lambda a, b: jnp.where(ok, a, b), x_new, carry[0])
+        return (keep, jnp.where(ok, x0_new, carry[1])), None
 
     def outer(carry, chunk):
         carry, _ = lax.scan(inner, carry, chunk)
-        return carry, carry
+        return carry, (first(carry[0]), carry[1])
 
-    (x, _), (xs, x0s) = lax.scan(outer, (x, jnp.zeros_like(x)), (chunks, valid))
+    (x, _), (xs, x0s) = lax.scan(outer, (x, jnp.zeros_like(x_init)), (chunks, valid))
     times = grid.times[np.minimum(np.arange(1, n_rec + 1) * every, n)]
-    return x, Trajectory(times, xs, x0s)
+    return first(x), Trajectory(times, xs, x0s)
 
 
 def _check_every(every):
@@ -548,13 +622,138 @@ def encode(den: Denoiser, x0, grid: Grid, *, method: str = "euler"):
     return x
 
 
+def dpm_solver_orders(num_steps: int, order: int) -> np.ndarray:
+    """The order of each step of multistep DPM-Solver++ (official code, lower_order_final): step i
+    (0-based) uses min(order, i + 1) (warm-up from the first order), with fewer than 10 steps also
+    min(., num_steps - i); the last step, into the data level (h = inf), is always first order."""
+    i = np.arange(num_steps)
+    orders = np.minimum(order, i + 1)
+    if num_steps < 10:
+        orders = np.minimum(orders, num_steps - i)
+    orders[-1] = 1
+    return orders.astype(np.int32)
+
+
+def dpm_solver(den: Denoiser, x_T, keys, grid: Grid, *, order: int = 2, trajectory_every=None):
+    """Multistep DPM-Solver++ (Lu et al. 2022) of the given ``order`` along the grid with
+    ``dpm_solver_step``: one model call per step, the last two x0_hat carried in the scan.
+    order 1 is DDIM (eta = 0). ``keys`` is unused."""
+    _check_options("dpm_solver", dict(order=order))
+    _check_every(trajectory_every)
+    plan = _plan(grid)
+    n = plan["i"].shape[0]
+    plan["order"] = jnp.asarray(dpm_solver_orders(n, order))
+    plan["lam_1"] = grid.log_snr[np.maximum(np.arange(n) - 1, 0)]
+    plan["lam_2"] = grid.log_snr[np.maximum(np.arange(n) - 2, 0)]
+
+    def step(carry, p):
+        x, (m1, m2) = carry
+        history = ((m1, p["lam_1"]), (m2, p["lam_2"]))
+        x_s, x0 = dpm_solver_step(den, x, p["t"], p["lam_t"], p["lam_s"], history, p["order"])
+        return (x_s, (x0, m1)), x0
+
+    zeros = jnp.zeros_like(x_T)
+    return _drive(step, x_T, plan, grid, trajectory_every, state=(zeros, zeros))
+
+
+def edm_sampler(den: Denoiser, x_T, keys, grid: Grid, *, time_of: Callable, S_churn: float = 0.0,
+                S_tmin: float = 0.0, S_tmax: float = float("inf"), S_noise: float = 1.0,
+                trajectory_every=None):
+    """The stochastic sampler of Karras et al. 2022, Alg. 2 (NVlabs/edm generate.py), with
+    ``edm_step`` on the grid (the rho = 7 grid with spacing="karras"): at each level with
+    S_tmin <= sigma_t <= S_tmax, gamma = min(S_churn / N, sqrt(2) - 1) for N steps, else 0.
+    S_churn = 0 is the deterministic Heun sampler (``probability_flow``, Alg. 1). 2N - 1 model
+    calls. ``time_of`` maps a log-SNR to the nearest model level (``_time_of``)."""
+    opts = dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise)
+    _check_options("edm", opts)
+    _check_every(trajectory_every)
+    plan = _plan(grid)
+    gamma_max = min(S_churn / plan["i"].shape[0], np.sqrt(2.0) - 1.0)
+
+    def step(x, p):
+        sigma_t = jnp.exp(-0.5 * p["lam_t"])
+        gamma = jnp.where((sigma_t >= S_tmin) & (sigma_t <= S_tmax), gamma_max, 0.0)
+        return edm_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], _normal(keys, x, p["i"]),
+                        gamma, S_noise, time_of)
+
+    return _drive(step, x_T, plan, grid, trajectory_every)
+
+
+def flow_sampler(den: Denoiser, x_T, keys, grid: Grid, *, method: str = "euler", trajectory_every=None):
+    """Deterministic sampling of the rectified-flow ODE with ``flow_step`` (Euler: one model call
+    per step, the flow-matching sampler of Lipman et al. / Esser et al. on the uniform t-grid of the
+    "flow" schedule; Heun: two, one on the last step). ``keys`` is unused."""
+    _check_options("flow", dict(method=method))
+    _check_every(trajectory_every)
+
+    def step(x, p):
+        return flow_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)
+
+    return _drive(step, x_T, _plan(grid), grid, trajectory_every)
+
+
+def _time_of(levels) -> Callable:
+    """log-SNR -> (model time, log-SNR of that time) for ``edm_step``. ``levels`` is
+    ("discrete", log-SNR table as a tuple): the nearest table entry t in 1..T; or
+    ("continuous", log_snr_fn): t = log_snr_fn^{-1}(lambda) by bisection."""
+    kind, value = levels
+    if kind == "discrete":
+        table = jnp.asarray(value, jnp.float32)
+
+        def nearest(lam):
+            t = 1 + jnp.argmin(jnp.abs(table[1:] - lam)).astype(jnp.int32)
+            return t, table[t]
+        return nearest
+
+    def invert(lam):
+        t = invert_log_snr(value, lam)
+        return t, value(t)
+    return invert
+
+
 _SAMPLER_FNS = {
     "ancestral": (ancestral, {}),
     "ddim": (ddim, {"eta": 0.0}),
     "langevin": (annealed_langevin, {"steps_per_level": 100, "step_size": 2e-5, "denoise": True}),
     "pc": (predictor_corrector, {"corrector_steps": 1, "snr": 0.16}),
     "ode": (probability_flow, {"method": "heun"}),
+    "dpm_solver": (dpm_solver, {"order": 2}),
+    "edm": (edm_sampler, {"S_churn": 0.0, "S_tmin": 0.0, "S_tmax": float("inf"), "S_noise": 1.0}),
+    "flow": (flow_sampler, {"method": "euler"}),
 }
+
+
+def num_evaluations(sampler: str, num_steps: int, options: dict | None = None) -> int:
+    """Network evaluations (NFE) of ``sample`` with ``num_steps`` levels: one per step, 2n - 1 for the
+    Heun-type samplers (no correction into the data level), langevin n (steps_per_level + 1),
+    pc n (corrector_steps + 1)."""
+    opts = check_options(sampler, options or {})
+    if sampler == "edm" or (sampler in ("ode", "flow") and opts["method"] == "heun"):
+        return 2 * num_steps - 1
+    if sampler == "langevin":
+        return num_steps * (opts["steps_per_level"] + 1)
+    if sampler == "pc":
+        return num_steps * (opts["corrector_steps"] + 1)
+    return num_steps
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_options(sampler: str, options: dict) -> dict:
+    """The sampler's options with its defaults filled in; ValueError for an unknown sampler or
+    option, or a bad value (``sample.options`` of a config is checked with this)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    _, defaults = _SAMPLER_FNS[sampler]
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for sampler {sampler!r}; "
+                         f"its options are {sorted(defaults)}")
+    opts = {**defaults, **options}
+    _check_options(sampler, opts)
+    return opts
 
 
 def _check_options(sampler, opts):
@@ -573,8 +772,24 @@ def _check_options(sampler, opts):
         _check_int("corrector_steps", opts["corrector_steps"], 1)
         if not opts["snr"] > 0:
             raise ValueError(f"snr must be > 0, got {opts['snr']!r}")
-    elif sampler == "ode" and opts["method"] not in ODE_METHODS:
+    elif sampler in ("ode", "flow") and opts["method"] not in ODE_METHODS:
         raise ValueError(f"method must be one of {ODE_METHODS}, got {opts['method']!r}")
+    elif sampler == "dpm_solver":
+        order = opts["order"]
+        if isinstance(order, bool) or order not in DPM_SOLVER_ORDERS:
+            raise ValueError(f"order (of DPM-Solver++) must be one of {DPM_SOLVER_ORDERS} "
+                             f"(1 = DDIM, 2 = 2M, 3 = 3M), got {order!r}")
+    elif sampler == "edm":
+        for name in ("S_churn", "S_tmin", "S_tmax", "S_noise"):
+            if not _number(opts[name]):
+                raise ValueError(f"{name} must be a number, got {opts[name]!r}")
+        if not opts["S_churn"] >= 0:
+            raise ValueError(f"S_churn must be >= 0 (Karras et al. 2022, Alg. 2), got {opts['S_churn']!r}")
+        if not 0 <= opts["S_tmin"] <= opts["S_tmax"]:
+            raise ValueError(f"need 0 <= S_tmin <= S_tmax, got S_tmin={opts['S_tmin']!r}, "
+                             f"S_tmax={opts['S_tmax']!r}")
+        if not opts["S_noise"] > 0:
+            raise ValueError(f"S_noise must be > 0, got {opts['S_noise']!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -619,8 +834,9 @@ class _Spec:
 
     sampler: str
     shape: tuple
-    den: tuple  # (parameterization, variance_type, clip_x0, threshold)
+    den: tuple  # (parameterization, variance_type, clip_x0, threshold, sigma_data)
     options: tuple
+    levels: tuple  # ("discrete", log-SNR table) or ("continuous", log_snr_fn), for ``_time_of``
     conditional: bool
     guidance_scale: float | None
     null_label: int | None
@@ -629,7 +845,7 @@ class _Spec:
 
 def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min, sigma_max,
              parameterization, variance_type, clip_x0, threshold, labels, guidance_scale, null_label,
-             trajectory_every, options):
+             trajectory_every, options, sigma_data=diffusion.EDM_SIGMA_DATA):
     """All checks, before anything is traced; returns (_Spec, Grid)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -639,17 +855,11 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
         raise ValueError(f"sampler {sampler!r} needs the score grad log q(x_t) = -eps_hat / sigma_t, which a "
                          f"model gives through a parameterization in {diffusion.PARAMETERIZATIONS}; "
                          f"got {parameterization!r}")
-    den = Denoiser(None, parameterization, variance_type, clip_x0, threshold)
+    den = Denoiser(None, parameterization, variance_type, clip_x0, threshold, float(sigma_data))
     shape = tuple(int(d) for d in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be (batch, *example_shape) with positive sizes, got {shape}")
-    _, defaults = _SAMPLER_FNS[sampler]
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for sampler {sampler!r}; "
-                         f"its options are {sorted(defaults)}")
-    opts = {**defaults, **options}
-    _check_options(sampler, opts)
+    opts = check_options(sampler, options)
     _check_every(trajectory_every)
     if num_steps is None:
         if schedule is None:
@@ -657,6 +867,7 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
         num_steps = getattr(schedule, "T", None)
     grid = time_grid(num_steps, schedule=schedule, log_snr_fn=log_snr_fn, spacing=spacing, rho=rho,
                      sigma_min=sigma_min, sigma_max=sigma_max)
+    check_zero_snr_start(grid, sampler, parameterization)
     if variance_type == "learned" and sampler in ("ancestral", "pc"):
         full = schedule is not None and np.array_equal(grid.times[:-1], np.arange(schedule.T, 0, -1))
         if not full:
@@ -666,11 +877,29 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
         raise ValueError("guidance_scale needs labels and null_label (classifier-free guidance)")
     if labels is not None and np.shape(labels) != shape[:1]:
         raise ValueError(f"labels must have shape {shape[:1]} (one per example), got {np.shape(labels)}")
-    spec = _Spec(sampler, shape[1:], (den.parameterization, den.variance_type, den.clip_x0, den.threshold),
-                 tuple(sorted(opts.items())), labels is not None,
+    levels = (("discrete", tuple(np.asarray(schedule.log_snr, np.float32).tolist())) if schedule is not None
+              else ("continuous", log_snr_fn))
+    spec = _Spec(sampler, shape[1:], (den.parameterization, den.variance_type, den.clip_x0, den.threshold,
+                                      den.sigma_data),
+                 tuple(sorted(opts.items())), levels if sampler == "edm" else None, labels is not None,
                  None if guidance_scale is None else float(guidance_scale),
                  None if null_label is None else int(null_label), trajectory_every)
     return spec, grid
+
+
+def check_zero_snr_start(grid: Grid, sampler: str, parameterization: str) -> None:
+    """ValueError when the grid starts at SNR 0 (log-SNR -inf: the "flow" schedule's t = 1, a
+    zero-terminal-SNR table's T) and the model or sampler cannot take that first step."""
+    if not np.isneginf(np.asarray(grid.log_snr)[0]):
+        return
+    if parameterization in ("eps", "score"):
+        raise ValueError(f"the grid starts at SNR 0 (log-SNR -inf), where x0 = (x_t - sigma eps) / alpha is 0/0: "
+                         f"parameterization {parameterization!r} cannot be sampled from there (Lin et al. 2024, "
+                         "§3.2); use 'v', 'x0', 'flow' or 'edm', or a schedule with a finite terminal log-SNR")
+    if sampler in FINITE_START_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} works in y = x_t / alpha_t, infinite at the grid's first level "
+                         "(SNR 0, log-SNR -inf); use spacing='karras' (a finite sigma_max), or a sampler that "
+                         "starts at SNR 0: 'ancestral', 'ddim', 'dpm_solver' or 'flow'")
 
 
 def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, params=None, axis_name=None):
@@ -686,7 +915,8 @@ def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, params=None, axis_name
     k_init, k_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     x_T = jax.vmap(lambda k: jax.random.normal(k, spec.shape))(k_init)
     fn, _ = _SAMPLER_FNS[spec.sampler]
-    options = dict(spec.options, **({"axis_name": axis_name} if spec.sampler == "pc" else {}))
+    options = dict(spec.options, **({"axis_name": axis_name} if spec.sampler == "pc" else {}),
+                   **({"time_of": _time_of(spec.levels)} if spec.sampler == "edm" else {}))
     return fn(den, x_T, k_steps, grid, trajectory_every=spec.trajectory_every, **options)
 
 
@@ -712,7 +942,7 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
            parameterization: str = "eps", variance_type: str = "fixed_small", clip_x0=None,
            threshold: float | None = None, labels=None, guidance_scale: float | None = None,
            null_label: int | None = None, trajectory_every: int | None = None, pmap: bool = False,
-           params=None, **options):
+           params=None, sigma_data: float = diffusion.EDM_SIGMA_DATA, **options):
     """Draw ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler (one compile).
 
     model_fn(x_t, t) -> output, t of shape [B] in the model's own time (int 1..T with
@@ -721,7 +951,8 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     (``classifier_free_guidance``, null class ``null_label``). ``num_steps`` noisy
     levels (default T) spaced by ``spacing`` (``time_grid``). ``options`` are the
     sampler's own: ddim eta; langevin steps_per_level, step_size, denoise; pc
-    corrector_steps, snr; ode method.
+    corrector_steps, snr; ode and flow method; dpm_solver order; edm S_churn, S_tmin,
+    S_tmax, S_noise. ``sigma_data`` is the "edm" parameterization's.
 
     The key is split into one key per example, which draws that example's x_T and
     step noise. With ``pmap`` the batch is spread over all local devices
@@ -734,7 +965,7 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     """
     spec, grid = _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min,
                           sigma_max, parameterization, variance_type, clip_x0, threshold, labels,
-                          guidance_scale, null_label, trajectory_every, options)
+                          guidance_scale, null_label, trajectory_every, options, sigma_data)
     keys = jax.random.split(key, shape[0])
     labels = None if labels is None else jnp.asarray(labels)
     if not pmap:

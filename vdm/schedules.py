@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DISCRETE_SCHEDULES = ("linear", "scaled_linear", "constant", "cosine", "sigmoid")
-CONTINUOUS_SCHEDULES = ("cosine", "vp_linear", "vdm_linear")
+CONTINUOUS_SCHEDULES = ("cosine", "vp_linear", "vdm_linear", "flow")
 
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, §3.2: clip betas to avoid singularities at t = T.
 
@@ -158,11 +158,35 @@ def tables_from_betas(betas: np.ndarray) -> dict[str, np.ndarray]:
     )
 
 
-def discrete_schedule(name: str, T: int, **kwargs) -> DiscreteSchedule:
+def zero_terminal_snr_betas(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"), Alg. 1:
+    shift and scale sqrt(alpha_bar_t) linearly so that sqrt(alpha_bar_T) = 0 (SNR_T = 0, log-SNR
+    -inf) while sqrt(alpha_bar_1) keeps its value:
+
+      r_t = (sqrt(ab_t) - sqrt(ab_T)) sqrt(ab_1) / (sqrt(ab_1) - sqrt(ab_T)),   t = 1..T,
+
+    then beta_t = 1 - r_t^2 / r_{t-1}^2, so beta_T = 1. The paper's arrays start at the first
+    noisy level; here that is index 1 (index 0 is the data level, alpha_bar_0 = 1, which stays).
+    """
+    betas = np.asarray(betas, np.float64)
+    if betas.shape[0] < 3:
+        raise ValueError("zero terminal SNR needs T >= 2 (it keeps alpha_bar_1 and zeroes alpha_bar_T)")
+    sqrt_ab = np.exp(0.5 * np.cumsum(np.log1p(-betas)))
+    first, last = sqrt_ab[1], sqrt_ab[-1]
+    r = np.concatenate([[1.0], (sqrt_ab[1:] - last) * first / (first - last)])
+    with np.errstate(divide="ignore"):
+        log_r2 = 2.0 * np.log(r)
+    return _with_clean_level(-np.expm1(log_r2[1:] - log_r2[:-1]))
+
+
+def discrete_schedule(name: str, T: int, *, zero_terminal_snr: bool = False, **kwargs) -> DiscreteSchedule:
     """Build the named discrete schedule with T noisy levels (tables of length T + 1).
 
     Extra keyword arguments go to the beta function (e.g. ``beta=0.02`` for
     "constant", ``s=0.008`` for "cosine", ``rescale=False`` for "linear").
+    ``zero_terminal_snr`` rescales it to log_snr[T] = -inf (``zero_terminal_snr_betas``,
+    Lin et al. 2024); such a schedule needs a parameterization that identifies x0 at SNR 0
+    (v, x0, flow or edm, not eps or score).
     """
     if name not in _BETA_FNS:
         raise ValueError(f"schedule name must be one of {DISCRETE_SCHEDULES}, got {name!r}")
@@ -176,7 +200,12 @@ def discrete_schedule(name: str, T: int, **kwargs) -> DiscreteSchedule:
         hint = (" (the 1000/T rescaling needs T >= 50; pass rescale=False for shorter chains)"
                 if name == "linear" else "")
         raise ValueError(f"schedule {name!r} with T={T} and {kwargs} gives betas outside (0, 1){hint}")
-    tables = tables_from_betas(betas)
+    if not isinstance(zero_terminal_snr, bool):
+        raise ValueError(f"zero_terminal_snr must be True or False, got {zero_terminal_snr!r}")
+    if zero_terminal_snr:
+        betas = zero_terminal_snr_betas(betas)
+    with np.errstate(divide="ignore"):
+        tables = tables_from_betas(betas)
     return DiscreteSchedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
 
 
@@ -262,10 +291,25 @@ def vdm_linear_log_snr(t, log_snr_max: float = 13.3, log_snr_min: float = -5.0):
     return log_snr_max + (log_snr_min - log_snr_max) * t
 
 
+def flow_log_snr(t):
+    """Rectified flow / flow matching (Liu et al. 2023; Lipman et al. 2023; Esser et al. 2024):
+    the path x^flow_t = (1 - t) x_0 + t eps has alpha = 1 - t, sigma = t, so
+
+      log_snr(t) = 2 log((1 - t) / t),   +inf at t = 0 and -inf at t = 1 (SNR 0, the prior is exact).
+
+    This library keeps the variance-preserving state x_t = x^flow_t / n_t, n_t = sqrt((1 - t)^2 + t^2),
+    which in VP terms is n_t = 1 / (alpha_t + sigma_t): a rescaling by a function of the level
+    only, so the flow path is one more log-SNR schedule and every sampler and parameterization
+    applies to it (the velocity u = eps - x_0 is the parameterization "flow" of vdm.diffusion).
+    """
+    return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+
 _LOG_SNR_FNS = {
     "cosine": cosine_log_snr,
     "vp_linear": vp_linear_log_snr,
     "vdm_linear": vdm_linear_log_snr,
+    "flow": flow_log_snr,
 }
 
 
@@ -279,6 +323,21 @@ def continuous_schedule(name: str, **kwargs) -> Callable:
     except TypeError as e:
         raise ValueError(f"bad arguments {kwargs} for continuous schedule {name!r}: {e}") from None
     return functools.partial(fn, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def invert_log_snr(log_snr_fn: Callable, log_snr):
+    """t in [0, 1] with log_snr_fn(t) = log_snr, by 40 bisections (log_snr_fn is strictly decreasing)."""
+    log_snr = jnp.asarray(log_snr, jnp.float32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = log_snr_fn(mid) > log_snr  # the target lies at larger t
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 40, halve, (jnp.zeros_like(log_snr), jnp.ones_like(log_snr)))
+    return 0.5 * (lo + hi)
 
 
 def log_snr_and_derivative(log_snr_fn: Callable, t):

@@ -118,7 +118,9 @@ class Process(NamedTuple):
     1..T for a discrete schedule, float32 in [0, 1] for a continuous one) to the
     log-SNR; with a learned schedule it reads ``params["schedule"]``.
     ``schedule`` is the DiscreteSchedule (None in continuous time) and
-    ``schedule_net`` the LearnedLogSNR module (None unless learned).
+    ``schedule_net`` the LearnedLogSNR module (None unless learned). ``input_scale``
+    maps the log-SNR to the factor the network input is multiplied by (EDM's c_in,
+    ``diffusion.network_input_scale``), None for the identity.
     """
 
     discrete: bool
@@ -126,19 +128,24 @@ class Process(NamedTuple):
     schedule: Any
     schedule_net: Any
     log_snr: Callable
+    input_scale: Callable | None = None
 
 
 def build_process(diffusion_cfg: ml_collections.ConfigDict) -> Process:
     d = diffusion_cfg
     kwargs = dict(d.schedule_kwargs)
+    scale = None
+    if d.parameterization == "edm":
+        scale = functools.partial(diffusion.network_input_scale, parameterization="edm", sigma_data=d.sigma_data)
     if d.time == "discrete":
         table = schedules.discrete_schedule(d.schedule, d.T, **kwargs)
-        return Process(True, d.T, table, None, lambda params, t: table.log_snr[t])
+        return Process(True, d.T, table, None, lambda params, t: table.log_snr[t], scale)
     if d.schedule == "learned":
         net = models.LearnedLogSNR(**kwargs)
-        return Process(False, d.T, None, net, lambda params, t: net.apply({"params": params["schedule"]}, t))
+        return Process(False, d.T, None, net, lambda params, t: net.apply({"params": params["schedule"]}, t),
+                       scale)
     fn = schedules.continuous_schedule(d.schedule, **kwargs)
-    return Process(False, d.T, None, None, lambda params, t: fn(t))
+    return Process(False, d.T, None, None, lambda params, t: fn(t), scale)
 
 
 def network_time_range(diffusion_cfg: ml_collections.ConfigDict, process: Process) -> tuple[float, float]:
@@ -171,11 +178,15 @@ def build_network(config: ml_collections.ConfigDict, process: Process, data_shap
 def make_model_fn(network, process: Process, time_input: str, params, *, train: bool = False,
                   dropout_key=None) -> Callable:
     """The network as ``model_fn(x_t, t) -> output`` (DESIGN.md, model interface): the loss's
-    or sampler's t is passed on as is (``time_input = "t"``) or as its log-SNR."""
+    or sampler's t is passed on as is (``time_input = "t"``) or as its log-SNR; x_t is scaled by
+    ``process.input_scale`` (EDM's c_in) when the process has one."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
 
     def model_fn(x_t, t):
         s = process.log_snr(params, t) if time_input == "log_snr" else t
+        if process.input_scale is not None:
+            scale = process.input_scale(process.log_snr(params, t))
+            x_t = x_t * jnp.reshape(scale, scale.shape + (1,) * (x_t.ndim - scale.ndim))
         return network.apply({"params": params["net"]}, x_t, s, train=train, rngs=rngs)
 
     return model_fn
@@ -298,9 +309,22 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                                              eps_0=example_normal(k_eps0, x), **common)
             return total, metrics["t"]
 
-        def loss(params, key, index, x, loss_state, train):
+        def vdm_bpd_loss(params, key, index, x, loss_state, train):
             nats, t = vdm_nats(params, key, index, x, train)
             return losses.bits_per_dim(nats, math.prod(x.shape[1:])), {"t": t}
+
+        def simple_continuous_loss(params, key, index, x, loss_state, train):
+            """EDM / flow matching / L_simple at sampled times (losses.continuous_simple_loss)."""
+            k_t, k_eps, _, k_offset, k_drop = split(key, index)
+            u = (low_discrepancy_times(k_offset, index) if lc.antithetic
+                 else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
+            values, metrics = losses.continuous_simple_loss(
+                model_fn(params, k_drop, train), lambda t: process.log_snr(params, t), k_drop, x,
+                parameterization=d.parameterization, t_sampling=lc.t_sampling, loc=lc.t_loc,
+                scale=lc.t_scale, sigma_data=d.sigma_data, u=u, eps=example_normal(k_eps, x))
+            return values, {"t": metrics["t"]}
+
+        loss = simple_continuous_loss if lc.name == "simple" else vdm_bpd_loss
 
         def nelbo_nats(params, key, x):
             index = jnp.arange(ev.elbo_samples)
@@ -348,7 +372,9 @@ def build_sampler(config: ml_collections.ConfigDict, network, process: Process, 
         return samplers.sample(model, key, (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
                                num_steps=sampling_steps(s, d), spacing=s.spacing,
                                parameterization=d.parameterization, variance_type=d.variance,
-                               clip_x0=clip, params=params, **levels)
+                               clip_x0=clip, params=params,
+                               sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
+                               **dict(s.get("options", {})), **levels)
 
     return sample
 
