@@ -723,11 +723,12 @@ def test_reverse_step_tables_are_exact_to_float32(name, T):
     np.testing.assert_allclose(mean, want, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("name", schedules.CONTINUOUS_SCHEDULES)
+@pytest.mark.parametrize("name", [s for s in schedules.CONTINUOUS_SCHEDULES if s != "flow"])
 def test_vdm_loss_is_finite_for_every_schedule_decoder_and_parameterization(name):
-    """Every continuous schedule has finite log-SNR ends (vp_linear from score_sde's t_min = 1e-5),
+    """Every continuous VP schedule has finite log-SNR ends (vp_linear from score_sde's t_min = 1e-5),
     so vdm_loss, whose decoder sits at t = 0 and prior at t = 1, has a finite value and gradient
-    for every decoder and parameterization, in continuous time and its T-step form."""
+    for every decoder and parameterization, in continuous time and its T-step form. (The 'flow'
+    path's ends are +-inf by definition; validation refuses the VDM loss on it, test_paths.)"""
     fn = schedules.continuous_schedule(name)
     rng = np.random.default_rng(14)
     x0 = jnp.asarray(rng.integers(0, 256, (4, 5)) / 127.5 - 1, jnp.float32)
