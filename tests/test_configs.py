@@ -220,7 +220,7 @@ def results(tmp_path_factory):
                                       stderr=subprocess.PIPE, text=True))
     results = {}
     for i, proc in enumerate(procs):
-        err = proc.communicate(timeout=1800)[1]
+        err = proc.communicate(timeout=3600)[1]
         assert proc.returncode == 0, err[-3000:]
         with open(root / f"results_{i}.json") as f:
             results.update(json.load(f))

@@ -749,8 +749,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 f"non-finite loss or gradient in steps {step + 1}..{step + k}: "
                 f"loss={metrics['loss'].tolist()}, grad_norm={metrics['grad_norm'].tolist()}. "
                 + diagnose_non_finite(setup, optimizer, optim, last_state, batches, step)
-                + f". Stopped without saving; the last good checkpoint is step {manager.latest_step()} "
-                f"in {manager.directory}.")
+                + ". Stopped without saving; " + (
+                    f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}."
+                    if manager.latest_step() is not None else f"no checkpoint yet in {manager.directory}."))
         step += k
         done = step == train.num_steps
         if step % train.log_every == 0 or done:
