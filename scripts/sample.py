@@ -62,17 +62,17 @@ def main(argv):
     import jax
     import numpy as np
 
-    from vdm import data, samplers, train, viz
+    from vdm import build, checkpoints, data, samplers, viz
 
     workdir = _WORKDIR.value
-    config = _CONFIG.value or train.load_run_config(workdir)
+    config = _CONFIG.value or checkpoints.load_run_config(workdir)
     options = parse_options(_OPTIONS.value)
     if _ETA.value is not None:
         options["eta"] = _ETA.value
     dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
                                  seed=config.seed)
-    setup = train.build_setup(config, dataset)
-    params, step = train.restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    setup = build.build_setup(config, dataset)
+    params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     process, d = setup.process, config.diffusion
     images = len(dataset.data_shape) == 3
 
@@ -83,7 +83,7 @@ def main(argv):
     every = max(1, math.ceil(steps / _FRAMES.value))
     clip = images if _CLIP.value is None else _CLIP.value
 
-    model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+    model_fn = build.make_model_fn(setup.network, process, d.time_input, params)
 
     samples, traj = samplers.sample(
         model_fn, jax.random.PRNGKey(_SEED.value), (_NUM.value,) + tuple(dataset.data_shape),

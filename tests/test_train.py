@@ -311,7 +311,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
 
     import configs.image_folder as image_folder
     from tests.conftest import make_image_folder
-    from vdm import data, train
+    from vdm import build, checkpoints, data, train
 
     folder, _ = make_image_folder(tmp_path / "images")
     c = image_folder.get_config()
@@ -323,7 +323,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     c.sample.num_steps = 5
     config_lib.validate(c)
     ds = data.build_dataset(c.data, split="train", global_batch_size=4, seed=0)
-    setup = train.build_setup(c, ds)
+    setup = build.build_setup(c, ds)
     params = setup.init_params(jax.random.PRNGKey(0))
     batches = [ds.get_batch(i)["x"] for i in range(4)]
 
@@ -333,7 +333,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
                                  rng=jax.random.PRNGKey(1), loss_state={})
         p_train = train.make_p_train(setup.objective, tx, optim)
         state, _ = p_train(flax.jax_utils.replicate(state), {"x": np.stack(xs, axis=1)})
-        return train.unreplicate(state)
+        return checkpoints.unreplicate(state)
 
     accumulated = run(c.optim, 4, batches)
     combined = c.optim.copy_and_resolve_references()
@@ -352,12 +352,12 @@ def test_train_time_sampler_compiles_once_for_new_params():
     import jax
 
     from tests.train_worker import tiny_config
-    from vdm import data, samplers, train
+    from vdm import build, data, samplers
 
     c = tiny_config()
     c.sample.num_samples = 4
     ds = data.build_dataset(c.data, split="train", global_batch_size=16, seed=0)
-    setup = train.build_setup(c, ds)
+    setup = build.build_setup(c, ds)
     p1 = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))
     p2 = jax.device_get(setup.init_params(jax.random.PRNGKey(1)))
     a = np.asarray(setup.sample(p1, jax.random.PRNGKey(2)))
