@@ -36,15 +36,17 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup()
 
 ELBO_METHODS = ("exact", "mc", "ode")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
-                                          lock_config=False)
+_CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate the ELBO on.")
 _ELBO = flags.DEFINE_list("elbo", [], "Comma list of likelihood estimates, from exact, mc, ode (default: exact "
                           "for a discrete model, mc for a continuous one; none to skip the ELBO).")
@@ -236,7 +238,8 @@ def main(argv):
     from vdm.metrics import inception
 
     workdir = _WORKDIR.value
-    config = _CONFIG.value or checkpoints.load_run_config(workdir)
+    with cli.usage_errors():
+        config = _CONFIG.value or checkpoints.load_run_config(workdir)
     ev = config.eval
     batch_size = _BATCH.value or ev.batch_size
     num_samples = _NUM_SAMPLES.value or ev.elbo_samples
@@ -249,7 +252,8 @@ def main(argv):
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
         raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
                              + inception.INCEPTION_WEIGHTS_HELP)
-    params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    with cli.usage_errors():
+        params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     key = jax.random.PRNGKey(_SEED.value)
 
     decoder = build.decoder_for(config.loss, dataset.is_discrete_8bit)
@@ -317,4 +321,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,13 +20,15 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup()
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
-                                          lock_config=False)
+_CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to load (-1: the latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
 _SAMPLER = flags.DEFINE_string("sampler", "ancestral", "One of vdm.samplers.SAMPLERS.")
@@ -65,14 +67,16 @@ def main(argv):
     from vdm import build, checkpoints, data, samplers, viz
 
     workdir = _WORKDIR.value
-    config = _CONFIG.value or checkpoints.load_run_config(workdir)
+    with cli.usage_errors():
+        config = _CONFIG.value or checkpoints.load_run_config(workdir)
     options = parse_options(_OPTIONS.value)
     if _ETA.value is not None:
         options["eta"] = _ETA.value
     dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
                                  seed=config.seed)
     setup = build.build_setup(config, dataset)
-    params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    with cli.usage_errors():
+        params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     process, d = setup.process, config.diffusion
     images = len(dataset.data_shape) == 3
 
@@ -126,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
