@@ -15,8 +15,8 @@ KEY = jax.random.PRNGKey(0)
 # Every preset, shrunk (width, depth, image size) but keeping its structure.
 SMALL = {
     "ddpm_cifar10": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 3)),  # attention at 16 = level 0
-    "mnist_seed004": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
-    "seed001_unet": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # seed001_unet(16): attention at 2x2
+    "mnist_unet128": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
+    "lucidrains_unet64": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # lucidrains_unet64(16): attention at 2x2
     "vdm_cifar10": (dict(ch=16, num_blocks=2, num_groups=8, attention=True), (8, 8, 3)),
     "digits_unet": (dict(ch=16), (8, 8, 1)),
     "toy_mlp": (dict(hidden=16), (2,)),
@@ -26,7 +26,7 @@ SMALL = {
 
 
 def small_preset(name):
-    config = presets.PRESETS[name](16) if name == "seed001_unet" else presets.PRESETS[name]()
+    config = presets.PRESETS[name](16) if name == "lucidrains_unet64" else presets.PRESETS[name]()
     overrides, data_shape = SMALL[name]
     config.update(overrides)
     return config, data_shape

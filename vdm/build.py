@@ -93,7 +93,7 @@ def build_network(config: ml_collections.ConfigDict, process: Process, data_shap
 
 def make_model_fn(network, process: Process, time_input: str, params, *, train: bool = False,
                   dropout_key=None) -> Callable:
-    """The network as ``model_fn(x_t, t) -> output`` (DESIGN.md, model interface): the loss's
+    """The network as ``model_fn(x_t, t) -> output`` (docs/design.md, model interface): the loss's
     or sampler's t is passed on as is (``time_input = "t"``) or as its log-SNR; x_t is scaled by
     ``process.input_scale`` (EDM's c_in) when the process has one."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None

@@ -63,7 +63,7 @@ def discrete_elbo_terms(model_fn_of: Callable, schedule, *, parameterization: st
     """Per-example terms of the exact discrete -ELBO: the sum over all T terms
     (``losses.discrete_elbo``, Ho et al. eq. 5) as ``terms_fn(params, key, x)``.
 
-    ``model_fn_of(params)`` returns the ``model_fn(x_t, t)`` of DESIGN.md (e.g.
+    ``model_fn_of(params)`` returns the ``model_fn(x_t, t)`` of docs/design.md (e.g.
     ``lambda p: build.make_model_fn(network, process, time_input, p)``). The
     diffusion entry is the sum of L_1 .. L_{T-1}.
     """
