@@ -19,7 +19,7 @@ def get_config():
     config = config_lib.defaults()
     config.data.update(dict(source="folder", path="", image_size=128, channels=3, random_flip=True,
                             num_test=16))
-    config.model = presets.seed001_unet(128)
+    config.model = presets.lucidrains_unet64(128)
     config.diffusion.update(dict(schedule="linear", T=1000))
     config.loss.update(dict(loss_type="l1"))
     config.optim.update(dict(lr=8e-5, warmup_steps=500, decay="constant", accum_steps=2, ema_decay=0.995))

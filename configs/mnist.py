@@ -18,7 +18,7 @@ from vdm.models import presets
 def get_config():
     config = config_lib.defaults()
     config.data.update(dict(source="tfds", name="mnist", pad_to=32, num_test=0))
-    config.model = presets.mnist_seed004()
+    config.model = presets.mnist_unet128()
     config.diffusion.update(dict(schedule="cosine", T=500))
     config.optim.update(dict(lr=2e-4, warmup_steps=500, decay="constant", ema_decay=0.9995))
     config.train.update(dict(num_steps=20000, batch_size=128, steps_per_call=10, log_every=100,

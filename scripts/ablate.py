@@ -39,7 +39,11 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Base config file.", lock_config=False)
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup(tensorflow=False)
+
+_CONFIG = cli.define_config_file("config", "configs/digits.py", "Base config file.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the ablation (one subdirectory per run).",
                                required=True)
 _GRID = flags.DEFINE_multi_string("grid", ["parameterization"], "An axis: FIELD or FIELD=v1,v2,... "
@@ -290,4 +294,4 @@ def wait_some(running: list) -> list:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

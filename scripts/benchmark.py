@@ -260,7 +260,7 @@ def bench_matmul(n: int, dtype: str) -> Pending:
 
 def bench_conv(batch: int, size: int, channels: int, dtype: str) -> Pending:
     """3x3 conv forward + backward (input and kernel gradients) through XLA's own gradients and
-    through the UNet's ``vdm.models.layers.conv_nhwc``, and each of XLA's three passes alone."""
+    through the UNet's ``vdm.models.cpu_conv.conv_nhwc``, and each of XLA's three passes alone."""
     kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (batch, size, size, channels), dtype)
     w = (jax.random.normal(kw, (3, 3, channels, channels)) / np.sqrt(9 * channels)).astype(dtype)
@@ -272,9 +272,9 @@ def bench_conv(batch: int, size: int, channels: int, dtype: str) -> Pending:
             return y, vjp(dy)
         return run
 
-    from vdm.models import layers
+    from vdm.models import cpu_conv
 
-    unet_conv = lambda x, w: layers.conv_nhwc(x, w, (1, 1), ((1, 1), (1, 1)))
+    unet_conv = lambda x, w: cpu_conv.conv_nhwc(x, w, (1, 1), ((1, 1), (1, 1)))
     passes = {"forward+backward": fwd_bwd(conv3x3), "forward+backward unet": fwd_bwd(unet_conv),
               "forward": lambda x, w, dy: conv3x3(x, w),
               "backward_input": lambda x, w, dy: jax.linear_transpose(lambda x: conv3x3(x, w), x)(dy),
@@ -321,20 +321,23 @@ class UNetBench:
                  image_shape=IMAGE_SHAPE, attn_resolutions=(16,), T: int = 1000):
         import types
 
+        from vdm import build
         from vdm import train as train_lib
 
         self.train_lib, self.batch, self.k, self.image_shape = train_lib, batch, steps_per_call, tuple(image_shape)
         self.config = unet_config(ch, ch_mult, batch, dtype, steps_per_call, attn_resolutions, T)
         data = types.SimpleNamespace(data_shape=self.image_shape, is_discrete_8bit=True)
-        self.setup = train_lib.build_setup(self.config, data)
+        self.setup = build.build_setup(self.config, data)
         self.params = self.setup.init_params(jax.random.PRNGKey(0))
         self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.params["net"]))
         self.process = self.setup.process
 
     def model_fn(self, params):
         """The network as the losses' and samplers' ``model_fn(x_t, t)``."""
-        return self.train_lib.make_model_fn(self.setup.network, self.process,
-                                            self.config.diffusion.time_input, params)
+        from vdm import build
+
+        return build.make_model_fn(self.setup.network, self.process,
+                                  self.config.diffusion.time_input, params)
 
     def train_args(self):
         """(pmapped multi-step train function, replicated state, batches) as the training loop uses them."""

@@ -6,7 +6,7 @@
     python scripts/evaluate.py --workdir=runs/mixture1d --sample_metrics --mode_centres=-4,4
     python scripts/evaluate.py --workdir=runs/cifar10 --sample_metrics --inception_weights=inception_fid.npz
 
-Likelihood (``vdm.evaluate.negative_elbo``): every example of ``--split``,
+Likelihood (``vdm.likelihood.negative_elbo``): every example of ``--split``,
 in bits/dim for images and nats for toy data, with standard errors and the
 prior / diffusion / decoder breakdown. ``--elbo`` is a comma list of
 ``exact`` (discrete models: the sum over all T terms, Ho et al. 2020 eq. 5)
@@ -36,15 +36,17 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup()
 
 ELBO_METHODS = ("exact", "mc", "ode")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
-                                          lock_config=False)
+_CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate the ELBO on.")
 _ELBO = flags.DEFINE_list("elbo", [], "Comma list of likelihood estimates, from exact, mc, ode (default: exact "
                           "for a discrete model, mc for a continuous one; none to skip the ELBO).")
@@ -110,41 +112,41 @@ def ode_divergence(num_dims: int) -> str:
 
 
 def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1):
-    """The per-example terms function of ``vdm.evaluate`` for a method and this model."""
-    from vdm import evaluate, ode_likelihood, train
+    """The per-example terms function of ``vdm.likelihood`` for a method and this model."""
+    from vdm import build, likelihood, ode_likelihood
 
     d, process = config.diffusion, setup.process
-    model_fn_of = lambda p: train.make_model_fn(setup.network, process, d.time_input, p)
+    model_fn_of = lambda p: build.make_model_fn(setup.network, process, d.time_input, p)
     if method == "ode":
         if process.discrete:
             grid_of = lambda p: ode_likelihood.discrete_grid(process.schedule.log_snr, _ODE_STEPS.value)
         else:
             grid_of = lambda p: ode_likelihood.continuous_grid(lambda t: process.log_snr(p, t), _ODE_STEPS.value)
-        return evaluate.ode_nll_terms(model_fn_of, grid_of, parameterization=d.parameterization,
+        return likelihood.ode_nll_terms(model_fn_of, grid_of, parameterization=d.parameterization,
                                       variance_type=d.variance, divergence=ode_divergence(num_dims),
                                       num_probes=_ODE_PROBES.value,
                                       dequantize=images and not config.data.dequantize)
     if not process.discrete:
-        return evaluate.vdm_elbo_terms(model_fn_of, process.log_snr, num_samples, T=d.T,
+        return likelihood.vdm_elbo_terms(model_fn_of, process.log_snr, num_samples, T=d.T,
                                        parameterization=d.parameterization, decoder=decoder)
     common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
     if method == "exact":
-        return evaluate.discrete_elbo_terms(model_fn_of, process.schedule, chunk=chunk, **common)
-    return evaluate.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
+        return likelihood.discrete_elbo_terms(model_fn_of, process.schedule, chunk=chunk, **common)
+    return likelihood.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
 
 
 def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int):
     """Samples of ``shape`` [n, ...] from the model, and the number of steps taken."""
     import numpy as np
 
-    from vdm import diffusion, samplers, train
+    from vdm import build, diffusion, samplers
 
     d, process = config.diffusion, setup.process
     steps = num_steps or config.get("sample", {}).get("num_steps", 0) or None
     if steps is None and not process.discrete:
         raise app.UsageError("--sampling_steps is required for a continuous-time model")
     options = sampler_options(config, sampler)
-    model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+    model_fn = build.make_model_fn(setup.network, process, d.time_input, params)
     x = samplers.sample(model_fn, key, shape, sampler=sampler, schedule=process.schedule,
                         log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
                         num_steps=steps, parameterization=d.parameterization, variance_type=d.variance,
@@ -167,7 +169,8 @@ def sample_metrics(setup, config, params, key, dataset, batch_size, images, cent
     import jax
     import numpy as np
 
-    from vdm import evaluate, toy_data
+    from vdm import likelihood, toy_data
+    from vdm.metrics import sample_quality
 
     n = _NUM_GENERATED.value
     samples, steps = draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), images,
@@ -178,25 +181,26 @@ def sample_metrics(setup, config, params, key, dataset, batch_size, images, cent
                                                                                sampler_options(config, sampler)),
            "num_samples": n}
     if images:
-        real = np.concatenate([b["x"] for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
+        real = np.concatenate([b["x"] for b in likelihood.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
         row.update(image_sample_metrics(_WORKDIR.value, config, dataset, real, samples, _SEED.value))
         return row
     if config.data.source == "toy":
         fresh = toy_data.get(config.data.name).sample(np.random.default_rng([_SEED.value, 7]), n)
     else:  # vector data from a file: the split's own examples are the reference
         fresh = np.concatenate([b["x"].reshape((-1,) + tuple(dataset.data_shape))
-                                for b in evaluate.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
-    row.update(evaluate.toy_sample_metrics(jax.random.fold_in(key, 1), samples, fresh))
+                                for b in likelihood.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
+    row.update(sample_quality.toy_sample_metrics(jax.random.fold_in(key, 1), samples, fresh))
     if centres is not None:
         row["mode_centres"] = centres.tolist()
-        row["mode_fractions"] = evaluate.mode_fractions(samples, centres).tolist()
+        row["mode_fractions"] = sample_quality.mode_fractions(samples, centres).tolist()
         row["mode_fractions_stderr"] = [math.sqrt(p * (1 - p) / n) for p in row["mode_fractions"]]
     return row
 
 
 def image_sample_metrics(workdir, config, dataset, real, samples, seed):
     """Classifier Fréchet distance (and FID with --inception_weights) of image samples."""
-    from vdm import data, evaluate
+    from vdm import data
+    from vdm.metrics import classifier, inception, sample_quality
 
     out = {}
     if dataset.num_classes:
@@ -206,21 +210,21 @@ def image_sample_metrics(workdir, config, dataset, real, samples, seed):
             b = train_ds.get_batch(i)
             return (b["x"].reshape((-1,) + tuple(dataset.data_shape)), b["label"].reshape(-1))
 
-        features = evaluate.load_or_train_classifier(workdir, batch_fn, dataset.num_classes,
-                                                     dataset.data_shape, num_steps=_CLASSIFIER_STEPS.value,
-                                                     seed=seed)
-        out["classifier_fd"] = evaluate.classifier_frechet_distance(features, samples, real)
+        features = classifier.load_or_train_classifier(workdir, batch_fn, dataset.num_classes,
+                                                       dataset.data_shape, num_steps=_CLASSIFIER_STEPS.value,
+                                                       seed=seed)
+        out["classifier_fd"] = sample_quality.classifier_frechet_distance(features, samples, real)
     else:
         print("classifier Fréchet distance skipped: the data set has no labels to train the classifier on")
     if _INCEPTION.value:
         try:
-            features = evaluate.inception_features(_INCEPTION.value)
+            features = inception.inception_features(_INCEPTION.value)
         except (FileNotFoundError, ValueError) as e:
             raise app.UsageError(str(e))
-        out["fid"] = evaluate.classifier_frechet_distance(features, samples, real)
+        out["fid"] = sample_quality.classifier_frechet_distance(features, samples, real)
     else:
         print("FID skipped: pass --inception_weights=FILE (no weights are downloaded).\n"
-              + evaluate.INCEPTION_WEIGHTS_HELP)
+              + inception.INCEPTION_WEIGHTS_HELP)
     return out
 
 
@@ -230,26 +234,29 @@ def main(argv):
     import jax
     import numpy as np
 
-    from vdm import baselines, data, evaluate, train
+    from vdm import baselines, build, checkpoints, data, likelihood
+    from vdm.metrics import inception
 
     workdir = _WORKDIR.value
-    config = _CONFIG.value or train.load_run_config(workdir)
+    with cli.usage_errors():
+        config = _CONFIG.value or checkpoints.load_run_config(workdir)
     ev = config.eval
     batch_size = _BATCH.value or ev.batch_size
     num_samples = _NUM_SAMPLES.value or ev.elbo_samples
     dataset = data.build_dataset(config.data, split=_SPLIT.value, global_batch_size=batch_size,
                                  seed=config.seed)
-    setup = train.build_setup(config, dataset)
+    setup = build.build_setup(config, dataset)
     methods = elbo_methods(_ELBO.value, setup.process.discrete)
     centres = parse_centres(_MODES.value) if _MODES.value else None
     images = len(dataset.data_shape) == 3
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
         raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
-                             + evaluate.INCEPTION_WEIGHTS_HELP)
-    params, step = train.restore_params(workdir, config.train, _STEP.value, _RAW.value)
+                             + inception.INCEPTION_WEIGHTS_HELP)
+    with cli.usage_errors():
+        params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     key = jax.random.PRNGKey(_SEED.value)
 
-    decoder = train.decoder_for(config.loss, dataset.is_discrete_8bit)
+    decoder = build.decoder_for(config.loss, dataset.is_discrete_8bit)
     num_dims = int(np.prod(dataset.data_shape)) if images else None
     result = {"workdir": workdir, "checkpoint_step": step, "split": _SPLIT.value,
               "params": "raw" if _RAW.value else "ema", "elbo": {}}
@@ -264,17 +271,17 @@ def main(argv):
                      + (", uniform dequantization" if images else ""))
         else:
             label = "exact sum over T terms" if m == "exact" else f"Monte Carlo, {num_samples} draws per example"
-        r = evaluate.negative_elbo(terms_fn, params, evaluate.epoch_batches(dataset, batch_size),
+        r = likelihood.negative_elbo(terms_fn, params, likelihood.epoch_batches(dataset, batch_size),
                                    jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
                                    log_prob_fn=dataset.log_prob, max_batches=_MAX_BATCHES.value or None,
                                    method=label, dequantized=images and (config.data.dequantize or m == "ode"),
                                    quantity="negative log-likelihood" if m == "ode" else "negative ELBO")
         result["elbo"][m] = r
-        print(evaluate.format_table(r), end="\n\n")
+        print(likelihood.format_table(r), end="\n\n")
     if images:  # the best factorized model of the same split, beside the diffusion bound
         train_ds = data.build_dataset(config.data, split="train", global_batch_size=batch_size, seed=config.seed)
-        ref = baselines.reference_bpd(evaluate.epoch_batches(train_ds, batch_size),
-                                      evaluate.epoch_batches(dataset, batch_size))
+        ref = baselines.reference_bpd(likelihood.epoch_batches(train_ds, batch_size),
+                                      likelihood.epoch_batches(dataset, batch_size))
         result["pixel_baseline"] = ref
         print(f"per-pixel categorical baseline (add-{ref['alpha']:g} smoothing chosen by leave-one-out on "
               f"{ref['num_train']} training images): {ref['mean']:.5f} (stderr {ref['stderr']:.5f}) "
@@ -310,8 +317,8 @@ def main(argv):
             print(f"wrote {path}")
 
     out = _OUT.value or os.path.join(workdir, f"eval_{_SPLIT.value}.json")
-    print(f"wrote {evaluate.save_json(out, result)}")
+    print(f"wrote {likelihood.save_json(out, result)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,9 +13,13 @@ import math
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup(tensorflow=False)
 
 _N = flags.DEFINE_integer("num_points", 1000, "Held-out points per mixture.")
 STEPS = (10, 20, 40, 80, 160, 320)
@@ -70,4 +74,4 @@ def main(argv):
             print(f"  {name}, {probe}: {d.mean():+.5f} (stderr {se:.5f})")
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

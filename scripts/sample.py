@@ -20,13 +20,15 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vdm import cli  # noqa: E402  (after the path insert)
+
+cli.quiet_startup()
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (default: workdir/config.json).",
-                                          lock_config=False)
+_CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to load (-1: the latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
 _SAMPLER = flags.DEFINE_string("sampler", "ancestral", "One of vdm.samplers.SAMPLERS.")
@@ -62,17 +64,19 @@ def main(argv):
     import jax
     import numpy as np
 
-    from vdm import data, samplers, train, viz
+    from vdm import build, checkpoints, data, samplers, viz
 
     workdir = _WORKDIR.value
-    config = _CONFIG.value or train.load_run_config(workdir)
+    with cli.usage_errors():
+        config = _CONFIG.value or checkpoints.load_run_config(workdir)
     options = parse_options(_OPTIONS.value)
     if _ETA.value is not None:
         options["eta"] = _ETA.value
     dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
                                  seed=config.seed)
-    setup = train.build_setup(config, dataset)
-    params, step = train.restore_params(workdir, config.train, _STEP.value, _RAW.value)
+    setup = build.build_setup(config, dataset)
+    with cli.usage_errors():
+        params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     process, d = setup.process, config.diffusion
     images = len(dataset.data_shape) == 3
 
@@ -83,7 +87,7 @@ def main(argv):
     every = max(1, math.ceil(steps / _FRAMES.value))
     clip = images if _CLIP.value is None else _CLIP.value
 
-    model_fn = train.make_model_fn(setup.network, process, d.time_input, params)
+    model_fn = build.make_model_fn(setup.network, process, d.time_input, params)
 
     samples, traj = samplers.sample(
         model_fn, jax.random.PRNGKey(_SEED.value), (_NUM.value,) + tuple(dataset.data_shape),
@@ -126,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from vdm import baselines, config, data, evaluate
+from vdm import baselines, config, data, likelihood
 
 
 def _images(rng, n, d=5):
@@ -56,6 +56,6 @@ def test_embedded_digits_baseline_is_2_41_bits_per_dim():
     (1,500 train / 297 test)."""
     c = config.defaults()
     ds = {s: data.build_dataset(c.data, split=s, global_batch_size=100, seed=0) for s in ("train", "test")}
-    r = baselines.reference_bpd(evaluate.epoch_batches(ds["train"], 100), evaluate.epoch_batches(ds["test"], 100))
+    r = baselines.reference_bpd(likelihood.epoch_batches(ds["train"], 100), likelihood.epoch_batches(ds["test"], 100))
     assert r["num_train"] == 1500 and r["num_examples"] == 297
     assert abs(r["mean"] - 2.41) < 0.01, r

@@ -8,15 +8,15 @@ import numpy as np
 import optax
 import pytest
 
-from vdm.models import LearnedLogSNR, build_model, layers, presets
+from vdm.models import LearnedLogSNR, build_model, cpu_conv, layers, presets
 
 KEY = jax.random.PRNGKey(0)
 
 # Every preset, shrunk (width, depth, image size) but keeping its structure.
 SMALL = {
     "ddpm_cifar10": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 3)),  # attention at 16 = level 0
-    "mnist_seed004": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
-    "seed001_unet": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # seed001_unet(16): attention at 2x2
+    "mnist_unet128": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
+    "lucidrains_unet64": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # lucidrains_unet64(16): attention at 2x2
     "vdm_cifar10": (dict(ch=16, num_blocks=2, num_groups=8, attention=True), (8, 8, 3)),
     "digits_unet": (dict(ch=16), (8, 8, 1)),
     "toy_mlp": (dict(hidden=16), (2,)),
@@ -26,7 +26,7 @@ SMALL = {
 
 
 def small_preset(name):
-    config = presets.PRESETS[name](16) if name == "seed001_unet" else presets.PRESETS[name]()
+    config = presets.PRESETS[name](16) if name == "lucidrains_unet64" else presets.PRESETS[name]()
     overrides, data_shape = SMALL[name]
     config.update(overrides)
     return config, data_shape
@@ -205,7 +205,7 @@ def test_conv_nhwc_gradients_equal_xla(stride, size, channels):
     pads = jax.lax.padtype_to_pads(x.shape[1:3], (3, 3), (stride, stride), "SAME")
     xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, w: layers.conv_nhwc(x, w, (stride, stride), tuple(tuple(p) for p in pads))
+    ours = lambda x, w: cpu_conv.conv_nhwc(x, w, (stride, stride), tuple(tuple(p) for p in pads))
     cotangent = jax.random.normal(jax.random.PRNGKey(5), xla(x, w).shape)
     y_ref, vjp_ref = jax.vjp(xla, x, w)
     y, vjp = jax.vjp(ours, x, w)

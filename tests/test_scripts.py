@@ -132,6 +132,18 @@ def test_evaluate_ode_likelihood_and_pixel_baseline(digits_workdir):
     assert "per-pixel categorical baseline" in r.stdout
 
 
+@pytest.mark.parametrize("override, named", [("--config.loss.weighting=bogus", "config.loss.weighting"),
+                                             ("--config.loss.nofield=1", "--config.loss.nofield"),
+                                             ("--config.train.batch_size=abc", "--config.train.batch_size")])
+def test_train_config_error_is_one_line_with_exit_code_2(tmp_path, override, named):
+    """A bad override (a refused value, no such field, a wrong type) stops before anything runs with
+    one line naming the field and exit status 2: no traceback, no TensorFlow start-up lines."""
+    r = _run("train.py", f"--workdir={tmp_path}", override)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("train.py: error: ") and named in lines[0], lines[0]
+
+
 def test_evaluate_rejects_bad_flags(digits_workdir):
     r = _run("evaluate.py", f"--workdir={digits_workdir}", "--elbo=exactly")
     assert r.returncode != 0 and "--elbo='exactly'" in r.stderr

@@ -219,6 +219,45 @@ def test_validation_continuous_time_needs_vdm_loss():
     config_lib.validate(c)
 
 
+# What each loss reads (build.build_objective), written out: discrete simple/hybrid read the simple
+# loss's options (snr_gamma with weighting min_snr, hybrid_lambda for hybrid); discrete vlb and
+# continuous vdm read none; continuous simple reads its training-time distribution.
+UNREAD_VALUES = dict(loss_type="l1", weighting="snr", target="x0", snr_gamma=3.0, hybrid_lambda=0.01,
+                     t_sampling="logit_normal", t_loc=0.5, t_scale=2.0)
+LOSS_READS = {
+    ("discrete", "simple"): {"loss_type", "weighting", "target"},
+    ("discrete", "hybrid"): {"loss_type", "weighting", "target", "hybrid_lambda"},
+    ("discrete", "vlb"): set(),
+    ("continuous", "vdm"): set(),
+    ("continuous", "simple"): {"t_sampling", "t_loc", "t_scale"},
+}
+
+
+@pytest.mark.parametrize("time, loss", list(LOSS_READS))
+@pytest.mark.parametrize("field", list(UNREAD_VALUES))
+def test_validation_refuses_a_loss_field_the_loss_does_not_read(time, loss, field):
+    """Setting a loss option the configured loss ignores fails naming the field; one it reads validates."""
+    c = config_lib.defaults()
+    if time == "continuous":
+        c.diffusion.update(dict(time="continuous", schedule="cosine", T=0, variance="fixed_small"))
+        c.sample.num_steps = 100
+    c.loss.name = loss
+    c.loss[field] = UNREAD_VALUES[field]
+    if field in LOSS_READS[(time, loss)]:
+        config_lib.validate(c)
+    else:
+        with pytest.raises(ValueError, match=rf"config\.loss\.{field} = .* is not allowed: .*reads? it"):
+            config_lib.validate(c)
+
+
+def test_validation_snr_gamma_only_with_min_snr():
+    c = _bad(loss__snr_gamma=3.0)
+    with pytest.raises(ValueError, match="config.loss.snr_gamma = 3.0 .*only loss.weighting = 'min_snr'"):
+        config_lib.validate(c)
+    c.loss.weighting = "min_snr"
+    config_lib.validate(c)
+
+
 def test_every_config_file_validates():
     import importlib.util
     root = os.path.join(os.path.dirname(os.path.dirname(WORKER)), "configs")
@@ -311,7 +350,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
 
     import configs.image_folder as image_folder
     from tests.conftest import make_image_folder
-    from vdm import data, train
+    from vdm import build, checkpoints, data, train
 
     folder, _ = make_image_folder(tmp_path / "images")
     c = image_folder.get_config()
@@ -323,7 +362,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     c.sample.num_steps = 5
     config_lib.validate(c)
     ds = data.build_dataset(c.data, split="train", global_batch_size=4, seed=0)
-    setup = train.build_setup(c, ds)
+    setup = build.build_setup(c, ds)
     params = setup.init_params(jax.random.PRNGKey(0))
     batches = [ds.get_batch(i)["x"] for i in range(4)]
 
@@ -333,7 +372,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
                                  rng=jax.random.PRNGKey(1), loss_state={})
         p_train = train.make_p_train(setup.objective, tx, optim)
         state, _ = p_train(flax.jax_utils.replicate(state), {"x": np.stack(xs, axis=1)})
-        return train.unreplicate(state)
+        return checkpoints.unreplicate(state)
 
     accumulated = run(c.optim, 4, batches)
     combined = c.optim.copy_and_resolve_references()
@@ -352,12 +391,12 @@ def test_train_time_sampler_compiles_once_for_new_params():
     import jax
 
     from tests.train_worker import tiny_config
-    from vdm import data, samplers, train
+    from vdm import build, data, samplers
 
     c = tiny_config()
     c.sample.num_samples = 4
     ds = data.build_dataset(c.data, split="train", global_batch_size=16, seed=0)
-    setup = train.build_setup(c, ds)
+    setup = build.build_setup(c, ds)
     p1 = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))
     p2 = jax.device_get(setup.init_params(jax.random.PRNGKey(1)))
     a = np.asarray(setup.sample(p1, jax.random.PRNGKey(2)))

@@ -1,5 +1,5 @@
 """vdm: diffusion models in JAX/Flax (DDPM, improved DDPM, DDIM, NCSN, VDM).
 
 The math lives in pure modules (`schedules`, `diffusion`, `losses`,
-`samplers`); see DESIGN.md for the conventions they follow.
+`samplers`); see docs/design.md for the conventions they follow.
 """

@@ -220,6 +220,43 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     if loss.importance_sampling and (d.time != "discrete" or loss.name != "vlb"):
         _fail("loss.importance_sampling", True, "importance-sampled t (Nichol & Dhariwal §3.3) applies to "
               "loss.name = 'vlb' in discrete time")
+    _refuse_unread_loss_fields(loss, d)
+
+
+# The loss options that only some losses read; the others must leave them at their defaults.
+OPTIONAL_LOSS_FIELDS = ("loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
+                        "t_sampling", "t_loc", "t_scale")
+
+
+def loss_fields_read(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> set[str]:
+    """The fields of OPTIONAL_LOSS_FIELDS that the configured loss reads (``build.build_objective``):
+    discrete simple/hybrid read the simple loss's options (``snr_gamma`` with weighting
+    ``min_snr`` only, ``hybrid_lambda`` for hybrid only); discrete vlb and continuous vdm read
+    none; continuous simple reads the training-time distribution (``t_sampling``, ``t_loc``,
+    ``t_scale``)."""
+    if d.time == "continuous":
+        return {"t_sampling", "t_loc", "t_scale"} if loss.name == "simple" else set()
+    if loss.name == "vlb":
+        return set()
+    read = {"loss_type", "weighting", "target"}
+    if loss.weighting == "min_snr":
+        read.add("snr_gamma")
+    if loss.name == "hybrid":
+        read.add("hybrid_lambda")
+    return read
+
+
+def _refuse_unread_loss_fields(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
+    """A loss option set to other than its default where the loss does not read it is refused,
+    so that no field is silently ignored."""
+    default, read = defaults().loss, loss_fields_read(loss, d)
+    for name in OPTIONAL_LOSS_FIELDS:
+        if name not in read and name in loss and loss[name] != default[name]:
+            if name == "snr_gamma" and "weighting" in read:
+                why = f"only loss.weighting = 'min_snr' reads it (here {loss.weighting!r})"
+            else:
+                why = f"loss.name = {loss.name!r} in {d.time} time does not read it"
+            _fail(f"loss.{name}", loss[name], f"{why}; leave it at its default {default[name]!r}")
 
 
 def validate_model(model: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,7 @@
-"""Complete ``model`` config sections for the papers' and seeds' networks.
+"""Complete ``model`` config sections for the papers' and reference implementations' networks.
+
+Named for what they are (paper or codebase, network, width); where a preset reproduces
+the network of one of the project's seed documents, its docstring says which.
 
 Each function returns a fresh ml_collections ConfigDict for ``build_model``;
 override fields as usual (``--config.model.ch=64``). ``time_range`` is left to
@@ -26,21 +29,23 @@ def ddpm_cifar10():
     return _unet(128, (1, 2, 2, 2), 2, (16,), 0.1)
 
 
-def mnist_seed004():
-    """Seed 004's MNIST UNet (tonyduan/diffusion UNet(embed_dim=128, dim_scales=(1, 2, 4, 8))) on
-    MNIST padded to 32x32 (the seed's input_shape; three halvings need a size divisible by 8).
+def mnist_unet128():
+    """The MNIST UNet of width 128 of tonyduan/diffusion (UNet(embed_dim=128, dim_scales=(1, 2, 4, 8)))
+    on MNIST padded to 32x32 (its input_shape; three halvings need a size divisible by 8); seed
+    004's network (formerly ``mnist_seed004``).
 
-    The seed's dim_scales are the widths *after* each level's down-sampling conv, so its blocks run
+    Its dim_scales are the widths *after* each level's down-sampling conv, so its blocks run
     at 128 x (1, 1, 2, 4) at 32, 16, 8, 4 pixels: ch_mult (1, 1, 2, 4) here (taking (1, 2, 4, 8)
-    literally would give 226M parameters). Attention only in the middle, as in the seed.
+    literally would give 226M parameters). Attention only in the middle, as there.
     """
     return _unet(128, (1, 1, 2, 4), 2, (), 0.0)
 
 
-def seed001_unet(image_size: int = 128):
-    """Seed 001's starter UNet (denoising_diffusion_pytorch Unet(dim=64, dim_mults=(1, 2, 4, 8)),
-    128x128 images), 8 GroupNorm groups as there. As for seed 004, the dim_mults are the widths after
-    each level's down-sampling, so the blocks run at 64 x (1, 1, 2, 4): ch_mult (1, 1, 2, 4).
+def lucidrains_unet64(image_size: int = 128):
+    """lucidrains' denoising_diffusion_pytorch Unet(dim=64, dim_mults=(1, 2, 4, 8)) for 128x128
+    images, 8 GroupNorm groups as there; seed 001's starter network (formerly ``seed001_unet``).
+    As for ``mnist_unet128``, the dim_mults are the widths after each level's down-sampling, so the
+    blocks run at 64 x (1, 1, 2, 4): ch_mult (1, 1, 2, 4).
     Attention at the lowest resolution, image_size // 8.
     """
     return _unet(64, (1, 1, 2, 4), 2, (image_size // 8,), 0.0, num_groups=8)
@@ -75,5 +80,5 @@ def seed002_mean_var_nets():
     return _section(name="mean_var_nets", hidden=4, dtype="float32")
 
 
-PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_seed004, seed001_unet, vdm_cifar10, digits_unet, toy_mlp,
+PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_unet128, lucidrains_unet64, vdm_cifar10, digits_unet, toy_mlp,
                                    seed003_per_step_heads, seed002_mean_var_nets)}

@@ -1,0 +1,325 @@
+"""Config -> objects: the noise process, the network, the model function, the training
+objective with its ELBO estimate, the sampler, and the Setup that bundles them.
+
+This is the one place a config section is turned into the callables of the math modules
+(``vdm.schedules``, ``diffusion``, ``losses``, ``samplers``) and of ``vdm.models``; the
+training loop (``vdm.train``) and the scripts build through it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vdm import diffusion
+from vdm import losses
+from vdm import models
+from vdm import samplers
+from vdm import schedules
+
+# ---------------------------------------------------------------------------
+# The network as the model function of losses and samplers.
+# ---------------------------------------------------------------------------
+
+
+class Process(NamedTuple):
+    """The noise process of a config.
+
+    ``log_snr(params, t)`` maps the loss's/sampler's own time variable (int32
+    1..T for a discrete schedule, float32 in [0, 1] for a continuous one) to the
+    log-SNR; with a learned schedule it reads ``params["schedule"]``.
+    ``schedule`` is the DiscreteSchedule (None in continuous time) and
+    ``schedule_net`` the LearnedLogSNR module (None unless learned). ``input_scale``
+    maps the log-SNR to the factor the network input is multiplied by (EDM's c_in,
+    ``diffusion.network_input_scale``), None for the identity.
+    """
+
+    discrete: bool
+    T: int
+    schedule: Any
+    schedule_net: Any
+    log_snr: Callable
+    input_scale: Callable | None = None
+
+
+def build_process(diffusion_cfg: ml_collections.ConfigDict) -> Process:
+    d = diffusion_cfg
+    kwargs = dict(d.schedule_kwargs)
+    scale = None
+    if d.parameterization == "edm":
+        scale = functools.partial(diffusion.network_input_scale, parameterization="edm", sigma_data=d.sigma_data)
+    if d.time == "discrete":
+        table = schedules.discrete_schedule(d.schedule, d.T, **kwargs)
+        return Process(True, d.T, table, None, lambda params, t: table.log_snr[t], scale)
+    if d.schedule == "learned":
+        net = models.LearnedLogSNR(**kwargs)
+        return Process(False, d.T, None, net, lambda params, t: net.apply({"params": params["schedule"]}, t),
+                       scale)
+    fn = schedules.continuous_schedule(d.schedule, **kwargs)
+    return Process(False, d.T, None, None, lambda params, t: fn(t), scale)
+
+
+def network_time_range(diffusion_cfg: ml_collections.ConfigDict, process: Process) -> tuple[float, float]:
+    """The pair of conditioning values the network maps to 0 and 1 (its ``time_range``).
+
+    ``time_input = "t"``: the time variable itself, (0, T) for integer steps or
+    (0, 1) in continuous time; ``"log_snr"``: the log-SNR at the two ends of the
+    schedule (t = 1 and T for a discrete one; a learned schedule's initial
+    endpoints), i.e. VDM's normalised gamma (Kingma et al. 2021, App. B).
+    """
+    if diffusion_cfg.time_input == "t":
+        return (0.0, float(process.T)) if process.discrete else (0.0, 1.0)
+    if process.discrete:
+        return float(process.schedule.log_snr[1]), float(process.schedule.log_snr[process.T])
+    if process.schedule_net is not None:
+        return float(process.schedule_net.log_snr_max), float(process.schedule_net.log_snr_min)
+    fn = schedules.continuous_schedule(diffusion_cfg.schedule, **dict(diffusion_cfg.schedule_kwargs))
+    return float(fn(0.0)), float(fn(1.0))
+
+
+def build_network(config: ml_collections.ConfigDict, process: Process, data_shape) -> Any:
+    """The config's network with ``time_range`` set from the diffusion section."""
+    fields = config.model.to_dict()
+    if "time_range" in {f.name for f in dataclasses.fields(models.NETWORKS[fields["name"]])}:
+        fields["time_range"] = network_time_range(config.diffusion, process)
+    return models.build_model(fields, data_shape,
+                              learned_variance=diffusion.learns_variance(config.diffusion.variance))
+
+
+def make_model_fn(network, process: Process, time_input: str, params, *, train: bool = False,
+                  dropout_key=None) -> Callable:
+    """The network as ``model_fn(x_t, t) -> output`` (docs/design.md, model interface): the loss's
+    or sampler's t is passed on as is (``time_input = "t"``) or as its log-SNR; x_t is scaled by
+    ``process.input_scale`` (EDM's c_in) when the process has one."""
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+
+    def model_fn(x_t, t):
+        s = process.log_snr(params, t) if time_input == "log_snr" else t
+        if process.input_scale is not None:
+            scale = process.input_scale(process.log_snr(params, t))
+            x_t = x_t * jnp.reshape(scale, scale.shape + (1,) * (x_t.ndim - scale.ndim))
+        return network.apply({"params": params["net"]}, x_t, s, train=train, rngs=rngs)
+
+    return model_fn
+
+
+# ---------------------------------------------------------------------------
+# The objective.
+# ---------------------------------------------------------------------------
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 1/phi: frac(u + i/phi) is a low-discrepancy sequence in i
+
+
+def example_keys(key, index):
+    """One key per example, folded from the step's key and the example's global index, so an
+    example's randomness does not depend on which device or host processes it."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+
+
+def example_normal(keys, x):
+    """eps_i ~ N(0, I) with x_i's shape, each from its own key."""
+    return jax.vmap(lambda k, xi: jax.random.normal(k, xi.shape, xi.dtype))(keys, x)
+
+
+def low_discrepancy_times(key, index):
+    """u_i = frac(u + i / phi), u ~ U(0, 1) per step: evenly spread times over the global batch
+    for any batch size or device split (the Kronecker sequence; Kingma et al. 2021, App. I.1,
+    spread u + i/B the same way)."""
+    return jnp.mod(jax.random.uniform(key, ()) + index.astype(jnp.float32) * GOLDEN, 1.0)
+
+
+class Objective(NamedTuple):
+    """The training objective of a config, on one device's share of a batch.
+
+    loss(params, key, index, x, loss_state, train) -> (per-example loss [b], aux): ``key``
+      is the step's key (the same on every device), ``index`` [b] the examples' global
+      indices, from which every random draw (t, noise) is folded; aux holds each
+      example's time ``t`` [b] (and its ``vlb_term`` with importance sampling);
+    nelbo_bpd(params, key, x) -> an estimate of -ELBO(x) in bits/dim for one example x;
+    init_loss_state() -> the importance sampler's LossHistory ({} when unused);
+    update_loss_state(loss_state, aux) -> the history after a step, from the aux of the
+      whole global batch.
+    """
+
+    loss: Callable
+    nelbo_bpd: Callable
+    init_loss_state: Callable
+    update_loss_state: Callable
+
+
+def decoder_for(loss_cfg: ml_collections.ConfigDict, discrete_8bit: bool) -> str:
+    """``loss.decoder``, with "auto" resolved from the data: 8-bit data get the discretized
+    Gaussian (discrete time) or VDM's categorical decoder (continuous), real data a Gaussian."""
+    if loss_cfg.decoder != "auto":
+        return loss_cfg.decoder
+    if not discrete_8bit:
+        return "gaussian"
+    return "discretized" if loss_cfg.name in losses.LOSS_KINDS else "categorical"
+
+
+def build_objective(config: ml_collections.ConfigDict, network, process: Process, *,
+                    discrete_8bit: bool) -> Objective:
+    """The loss of ``config.loss`` from ``vdm.losses`` and the ELBO estimate of ``config.eval``.
+
+    Timesteps and noise are drawn here per example and handed to the loss. Dropout
+    masks come from one key per device (Flax draws a mask per batch), so with dropout
+    a step matches across device counts in distribution only.
+    """
+    d, lc, ev = config.diffusion, config.loss, config.eval
+    decoder = decoder_for(lc, discrete_8bit)
+    importance = process.discrete and lc.importance_sampling
+
+    def model_fn(params, key, train):
+        return make_model_fn(network, process, d.time_input, params, train=train,
+                             dropout_key=key if train else None)
+
+    def split(key, index):
+        """Per-example keys for (t, eps, eps_0), the antithetic time offset's key and this
+        device's dropout key, from three separate streams of the step's key (no key is both
+        split and drawn from)."""
+        k_examples, k_offset, k_drop = jax.random.split(key, 3)
+        keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(k_examples, index))
+        return keys[:, 0], keys[:, 1], keys[:, 2], k_offset, jax.random.fold_in(k_drop, index[0])
+
+    if process.discrete:
+        common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
+
+        def loss(params, key, index, x, loss_state, train):
+            k_t, k_eps, _, _, k_drop = split(key, index)
+            if importance:
+                t, w = jax.vmap(lambda k: losses.loss_history_sample(loss_state, k, 1))(k_t)
+                t, w = t[:, 0], w[:, 0]
+            else:
+                t = jax.vmap(lambda k: jax.random.randint(k, (), 1, process.T + 1))(k_t)
+                w = None
+            values, metrics = losses.discrete_loss(
+                model_fn(params, k_drop, train), k_drop, x, process.schedule, kind=lc.name,
+                loss_type=lc.loss_type, weighting=lc.weighting, target=lc.target or None,
+                snr_gamma=lc.snr_gamma, hybrid_lambda=lc.hybrid_lambda, t=t, weights=w,
+                eps=example_normal(k_eps, x), **common)
+            return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance
+                            else {"t": metrics["t"]})
+
+        def nelbo_nats(params, key, x):
+            fn = model_fn(params, None, False)
+            if ev.elbo == "exact":
+                return losses.discrete_elbo(fn, key, x[None], process.schedule, chunk=ev.elbo_chunk,
+                                            **common)["total"][0]
+            return losses.discrete_elbo_mc(fn, key, x[None], process.schedule, ev.elbo_samples,
+                                           **common)["total"][0]
+    else:
+        common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
+
+        def vdm_nats(params, key, index, x, train):
+            k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
+            u = (low_discrepancy_times(k_offset, index) if lc.antithetic
+                 else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
+            total, metrics = losses.vdm_loss(model_fn(params, k_drop, train),
+                                             lambda t: process.log_snr(params, t), k_drop, x,
+                                             u=u, eps=example_normal(k_eps, x),
+                                             eps_0=example_normal(k_eps0, x), **common)
+            return total, metrics["t"]
+
+        def vdm_bpd_loss(params, key, index, x, loss_state, train):
+            nats, t = vdm_nats(params, key, index, x, train)
+            return losses.bits_per_dim(nats, math.prod(x.shape[1:])), {"t": t}
+
+        def simple_continuous_loss(params, key, index, x, loss_state, train):
+            """EDM / flow matching / L_simple at sampled times (losses.continuous_simple_loss)."""
+            k_t, k_eps, _, k_offset, k_drop = split(key, index)
+            u = (low_discrepancy_times(k_offset, index) if lc.antithetic
+                 else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
+            values, metrics = losses.continuous_simple_loss(
+                model_fn(params, k_drop, train), lambda t: process.log_snr(params, t), k_drop, x,
+                parameterization=d.parameterization, t_sampling=lc.t_sampling, loc=lc.t_loc,
+                scale=lc.t_scale, sigma_data=d.sigma_data, u=u, eps=example_normal(k_eps, x))
+            return values, {"t": metrics["t"]}
+
+        loss = simple_continuous_loss if lc.name == "simple" else vdm_bpd_loss
+
+        def nelbo_nats(params, key, x):
+            index = jnp.arange(ev.elbo_samples)
+            return jnp.mean(vdm_nats(params, key, index, jnp.broadcast_to(x, (ev.elbo_samples,) + x.shape),
+                                     False)[0])
+
+    def nelbo_bpd(params, key, x):
+        """bits/dim on the 8-bit scale: a dequantized density's bound gets log2(127.5) per dim."""
+        nats = nelbo_nats(params, key, x)
+        if config.data.dequantize:
+            nats = losses.dequantized_nats(nats, x.size)
+        return losses.bits_per_dim(nats, x.size)
+
+    if importance:
+        init = lambda: losses.loss_history_init(process.T, lc.history)
+        update = lambda s, aux: losses.loss_history_update(s, aux["t"], aux["vlb_term"])
+    else:
+        init, update = dict, lambda s, aux: s
+    return Objective(loss, nelbo_bpd, init, update)
+
+
+def sampling_steps(sample_cfg: ml_collections.ConfigDict, diffusion_cfg: ml_collections.ConfigDict):
+    """``sample.num_steps``; 0 means every step: all T steps of a discrete schedule, or the
+    T of a continuous-time model trained with the T-step loss (validation refuses 0 with T = 0)."""
+    return sample_cfg.num_steps or diffusion_cfg.T or None
+
+
+def build_sampler(config: ml_collections.ConfigDict, network, process: Process, data_shape) -> Callable:
+    """``sample(params, key) -> config.sample.num_samples`` samples with ``vdm.samplers.sample``;
+    x0 predictions are clipped to [-1, 1] for image data when ``sample.clip_x0``.
+
+    The parameters are a traced argument of one compiled sampler (``samplers.sample(...,
+    params=...)``), so evaluations during training reuse a single compile; only the grid of
+    a learned schedule is recomputed on the host from the given parameters.
+    """
+    s, d = config.sample, config.diffusion
+    clip = bool(s.clip_x0 and len(data_shape) == 3)
+
+    def model(params, x_t, t):
+        return make_model_fn(network, process, d.time_input, params)(x_t, t)
+
+    def sample(params, key):
+        levels = (dict(schedule=process.schedule) if process.discrete
+                  else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
+        return samplers.sample(model, key, (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
+                               num_steps=sampling_steps(s, d), spacing=s.spacing,
+                               parameterization=d.parameterization, variance_type=d.variance,
+                               clip_x0=clip, params=params,
+                               sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
+                               **dict(s.get("options", {})), **levels)
+
+    return sample
+
+
+class Setup(NamedTuple):
+    """What a config builds once the data shape is known."""
+
+    process: Process
+    network: Any
+    objective: Objective
+    init_params: Callable     # key -> params {"net": ..., ("schedule": ...)}
+    sample: Callable          # (params, key) -> samples [n, *data_shape]
+
+
+def build_setup(config: ml_collections.ConfigDict, dataset) -> Setup:
+    process = build_process(config.diffusion)
+    network = build_network(config, process, dataset.data_shape)
+    objective = build_objective(config, network, process, discrete_8bit=dataset.is_discrete_8bit)
+    x = jnp.zeros((1,) + tuple(dataset.data_shape), jnp.float32)
+    t = jnp.ones((1,), jnp.int32) if process.discrete else jnp.full((1,), 0.5, jnp.float32)
+
+    def init_params(key):
+        k_net, k_schedule = jax.random.split(key)
+        params = {}
+        if process.schedule_net is not None:
+            params["schedule"] = process.schedule_net.init(k_schedule, t)["params"]
+        s = process.log_snr(params, t) if config.diffusion.time_input == "log_snr" else t
+        params["net"] = network.init(k_net, x, s)["params"]
+        return params
+
+    return Setup(process, network, objective, init_params,
+                 build_sampler(config, network, process, dataset.data_shape))

@@ -1,0 +1,71 @@
+"""A 2-D convolution with hand-written gradients for XLA:CPU (``conv_nhwc``).
+
+XLA:CPU runs its own convolution gradients far slower than forward convolutions
+(docs/performance.md); ``conv_nhwc`` has the same values with gradients written as
+a forward convolution and an im2col matmul. ``vdm.models.layers.conv3x3`` uses it
+through ``conv_general_dilated`` on the CPU backend only; GPUs and TPUs keep XLA's.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _conv(x, w, strides, padding, lhs_dilation=(1, 1)):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, lhs_dilation=lhs_dilation,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x, w, strides, padding):
+    """2-D convolution (NHWC input, HWIO kernel, ``padding`` as ((lo, hi), (lo, hi))) whose
+    gradients are written as the ops XLA:CPU runs fast.
+
+    XLA:CPU's own kernel-gradient convolution runs several times slower than a forward
+    one, and inside a ``lax.scan`` (the train loop's steps per call) both gradient
+    convolutions fall off its fast path entirely (about 10x slower for the whole train
+    step; see docs/performance.md). Here the input gradient is a forward convolution
+    of the (stride-dilated) output gradient with the flipped kernel, and the kernel
+    gradient is one matmul of the output gradient with the im2col matrix of the input
+    (its KH*KW shifted windows side by side) over all output positions. The values are
+    those of ``lax.conv_general_dilated``'s gradients up to float rounding.
+    """
+    return _conv(x, w, strides, padding)
+
+
+def _conv_nhwc_fwd(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _conv_nhwc_bwd(strides, padding, res, dy):
+    x, w = res
+    (KH, KW), (N, Ho, Wo, Co), Ci = w.shape[:2], dy.shape, x.shape[-1]
+    pads_t = []
+    for d, k in enumerate((KH, KW)):
+        lo = k - 1 - padding[d][0]
+        pads_t.append((lo, x.shape[1 + d] + k - 2 - lo - (dy.shape[1 + d] - 1) * strides[d]))
+    dx = _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
+    # im2col: the KH*KW shifted (strided) windows of the padded input side by side,
+    # [N*Ho*Wo, KH*KW*Ci], so the kernel gradient is one matmul with dy [N*Ho*Wo, Co].
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    windows = [jax.lax.slice(xp, (0, i, j, 0), (N, i + (Ho - 1) * strides[0] + 1, j + (Wo - 1) * strides[1] + 1, Ci),
+                             (1, strides[0], strides[1], 1)) for i in range(KH) for j in range(KW)]
+    cols = jnp.concatenate(windows, axis=-1).reshape(-1, KH * KW * Ci)
+    dw = jnp.einsum("po,pk->ok", dy.reshape(-1, Co), cols, preferred_element_type=jnp.float32)
+    dw = dw.reshape(Co, KH, KW, Ci).transpose(1, 2, 3, 0)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                         feature_group_count, precision):
+    """``conv_nhwc`` behind the ``lax.conv_general_dilated`` signature that ``nn.Conv`` calls."""
+    if set(lhs_dilation) | set(rhs_dilation) | {feature_group_count} != {1}:
+        raise ValueError("conv_nhwc supports neither dilation nor feature groups")
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    return conv_nhwc(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
