@@ -57,6 +57,7 @@ def defaults() -> ml_collections.ConfigDict:
         decoder="auto",             # auto: discretized / categorical for 8-bit data, gaussian otherwise
         importance_sampling=False, history=10,  # loss-history sampling of t for "vlb"
         antithetic=True,            # vdm: low-discrepancy times over the global batch
+        schedule_gradient="loss",   # vdm: the learned schedule's interior follows "loss" or "variance" (§5.2)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9,
@@ -187,7 +188,8 @@ def validate_diffusion(d: ml_collections.ConfigDict) -> None:
 
 def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
     _require("loss", loss, ("name", "loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
-                            "decoder", "importance_sampling", "history", "antithetic"))
+                            "decoder", "importance_sampling", "history", "antithetic",
+                            "schedule_gradient"))
     if d.time == "continuous":
         if loss.name != "vdm":
             _fail("loss.name", loss.name, "continuous time (diffusion.time = 'continuous') trains with 'vdm'")
@@ -206,6 +208,10 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     if loss.name == "simple" and diffusion_lib.learns_variance(d.variance):
         _fail("loss.name", "simple", f"the simple loss does not train the variance of diffusion.variance = "
               f"{d.variance!r}; use 'hybrid' or 'vlb', or a fixed variance ('fixed_small', 'fixed_large')")
+    _one_of(loss, "schedule_gradient", "loss", losses.SCHEDULE_GRADIENTS)
+    if loss.schedule_gradient == "variance" and d.time != "continuous":
+        _fail("loss.schedule_gradient", "variance", "the variance-minimizing schedule gradient is part of "
+              "the VDM loss: needs diffusion.time = 'continuous' (a fixed schedule is left unchanged)")
     if not isinstance(loss.antithetic, bool):
         _fail("loss.antithetic", loss.antithetic, "must be True or False")
     if not isinstance(loss.importance_sampling, bool):

@@ -279,16 +279,19 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
             return losses.discrete_elbo_mc(fn, key, x[None], process.schedule, ev.elbo_samples,
                                            **common)["total"][0]
     else:
-        common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
+        common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder,
+                      schedule_gradient=lc.schedule_gradient)
 
         def vdm_nats(params, key, index, x, train):
             k_t, k_eps, k_eps0, k_drop = split(key, index)
             u = (low_discrepancy_times(key, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
+            fixed_ends = ({**params, "schedule": models.schedule_net.stop_endpoint_gradients(params["schedule"])}
+                          if "schedule" in params else params)
             total, _ = losses.vdm_loss(model_fn(params, k_drop, train),
                                        lambda t: process.log_snr(params, t), k_drop, x,
                                        u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
-                                       **common)
+                                       shape_log_snr_fn=lambda t: process.log_snr(fixed_ends, t), **common)
             return total
 
         def loss(params, key, index, x, loss_state, train):
