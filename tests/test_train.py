@@ -190,7 +190,7 @@ def test_variance_schedule_gradient_run_is_the_same_on_1_and_2_devices(tmp_path)
            "loss.name='vdm'", "loss.schedule_gradient='variance'"]
     params = []
     for devices in (1, 2):
-        _run(tmp_path / str(devices), devices, *vdm)
+        _run(tmp_path / str(devices), devices, *vdm, timeout=600)
         params.append(_params(tmp_path / str(devices)))
     assert any("schedule" in k and "l2" in k for k in params[0])  # the schedule's interior is compared too
     # atol 1e-4: the continuous loss weights -dlambda/dt (up to ~20) and the factor 2 L scale up
