@@ -8,10 +8,13 @@
 
 Each ``--grid`` is one axis, ``FIELD`` or ``FIELD=v1,v2,...``: a config field
 path (``loss.weighting``; a bare name is looked up in the diffusion and loss
-sections) and its values (default for parameterization / variance /
-weighting: every allowed value). The runs are the cross product of the axes
-(default: ``parameterization`` = eps, x0, v, score). Every overridden config
-is validated before anything trains.
+sections) and its values, tuples in brackets (``model.fourier_exponents=(1,2),()``;
+default for parameterization / variance / weighting: every allowed value).
+Fields joined by ``;`` in one ``--grid`` vary together:
+``--grid='loss.name=simple,hybrid;diffusion.variance=fixed_large,learned_range'``
+is two runs. The runs are the cross product of the axes (default:
+``parameterization`` = eps, x0, v, score). Every overridden config is
+validated before anything trains.
 
 Each run trains with ``scripts/train.py`` in ``<workdir>/<name>/`` (the
 config file plus the axis values and ``--steps`` as ``--config.*`` flags, and
@@ -47,7 +50,8 @@ _CONFIG = cli.define_config_file("config", "configs/digits.py", "Base config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the ablation (one subdirectory per run).",
                                required=True)
 _GRID = flags.DEFINE_multi_string("grid", ["parameterization"], "An axis: FIELD or FIELD=v1,v2,... "
-                                  "(repeat the flag to cross axes).")
+                                  "(repeat the flag to cross axes; join FIELD=... parts with ';' to vary "
+                                  "them together).")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps of every run.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at a time (each in its own process).")
 _EVAL_FLAGS = flags.DEFINE_multi_string("eval_flag", [], "Extra flags for scripts/evaluate.py, e.g. "
@@ -106,6 +110,17 @@ def parse_value(text: str, current):
     return value
 
 
+def split_values(text: str) -> list:
+    """'a,b,(1, 2),()' -> ['a', 'b', '(1, 2)', '()']: commas inside brackets stay (tuple values)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "([") - (c in ")]")
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def get_field(config, path: str):
     node = config
     for part in path.split("."):
@@ -114,16 +129,23 @@ def get_field(config, path: str):
 
 
 def parse_axes(config, specs):
-    """[(field path, [values])] from the --grid flags."""
+    """[(field paths, [value tuples])] from the --grid flags; ';' links fields into one axis."""
     axes = []
     for spec in specs:
-        name, sep, values = spec.partition("=")
-        field = resolve_field(config, name)
-        current = get_field(config, field)
-        vals = [parse_value(v, current) for v in values.split(",")] if sep else default_values(field)
-        if any(field == f for f, _ in axes):
-            raise app.UsageError(f"--grid: {field} given twice")
-        axes.append((field, vals))
+        fields, columns = [], []
+        for part in spec.split(";"):
+            name, sep, values = part.partition("=")
+            field = resolve_field(config, name)
+            current = get_field(config, field)
+            columns.append([parse_value(v, current) for v in split_values(values)] if sep
+                           else default_values(field))
+            if field in fields or any(field in f for f, _ in axes):
+                raise app.UsageError(f"--grid: {field} given twice")
+            fields.append(field)
+        if len({len(c) for c in columns}) > 1:
+            raise app.UsageError(f"--grid={spec}: linked fields need the same number of values, got "
+                                 f"{[len(c) for c in columns]}")
+        axes.append((tuple(fields), list(zip(*columns))))
     return axes
 
 
@@ -201,6 +223,9 @@ def collect(run_dir: str, point) -> dict:
         unit = "bpd" if elbo["unit"].startswith("bits/dim") else "nats"  # dequantized: 8-bit scale
         row[f"nelbo_{unit}_{kind}"] = total["mean"]
         row[f"nelbo_{unit}_{kind}_se"] = total["stderr"]
+    if "estimator_variance" in ev:  # scripts/evaluate.py --estimator_variance_draws
+        row["estimator_var"] = ev["estimator_variance"]["terms"]["total"]["mean"]
+        row["estimator_var_se"] = ev["estimator_variance"]["terms"]["total"]["stderr"]
     samples = (ev.get("samples") or [{}])[0]
     for metric in ("classifier_fd", "fid", "mmd", "sliced_wasserstein"):
         if metric in samples:
@@ -227,7 +252,7 @@ def write_tables(workdir: str, rows: list, axis_names: list) -> list:
         writer.writeheader()
         writer.writerows(rows)
     metrics = [c for c in columns if c in ("final_loss", "classifier_fd", "fid", "mmd", "sliced_wasserstein",
-                                            "steps_per_s") or (c.startswith("nelbo_") and not c.endswith("_se"))]
+                                            "estimator_var", "steps_per_s") or (c.startswith("nelbo_") and not c.endswith("_se"))]
     labelled = [{**r, "run": " / ".join(str(r[a]) for a in axis_names)} for r in rows]
     paths.append(viz.plot_ablation(os.path.join(workdir, "results.png"), labelled, metrics, label="run",
                                    title=os.path.basename(os.path.normpath(workdir))))
@@ -244,7 +269,8 @@ def main(argv):
         raise app.UsageError(f"--parallel={_PARALLEL.value} must be >= 1")
     axes = parse_axes(base, _GRID.value)
     fixed = step_overrides(base, _STEPS.value)
-    points = [tuple(zip([f for f, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+    points = [tuple(fv for (fields, _), values in zip(axes, combo) for fv in zip(fields, values))
+              for combo in itertools.product(*[v for _, v in axes])]
     if not _ELBO.value or set(_ELBO.value) - {"exact", "mc"}:
         raise app.UsageError(f"--elbo={','.join(_ELBO.value)}: give mc, exact or both")
     for point in points:  # every config is checked before anything trains
@@ -252,9 +278,11 @@ def main(argv):
             config = run_config(base, {**fixed, **dict(point)})
         except ValueError as e:
             raise app.UsageError(f"run {run_name(point)}: {e}")
-        if "exact" in _ELBO.value and config.diffusion.time != "discrete":
-            raise app.UsageError(f"run {run_name(point)}: --elbo=exact needs discrete time "
-                                 f"(diffusion.time = {config.diffusion.time!r}); use --elbo=mc")
+        if ("exact" in _ELBO.value and config.diffusion.time != "discrete" and config.diffusion.T < 1
+                and not any(f.startswith("--exact_T=") for f in _EVAL_FLAGS.value)):
+            raise app.UsageError(f"run {run_name(point)}: --elbo=exact needs discrete time, a T-step "
+                                 f"continuous model (diffusion.T > 0) or --eval_flag=--exact_T=T; "
+                                 f"else use --elbo=mc")
 
     forwarded = forwarded_config_flags(sys.argv)
     todo = [p for p in points if not os.path.exists(os.path.join(workdir, run_name(p), RESULT_FILE))]
@@ -271,7 +299,7 @@ def main(argv):
         running = wait_some(running)
 
     rows = [collect(os.path.join(workdir, run_name(p)), p) for p in points]
-    for path in write_tables(workdir, rows, [field.split(".")[-1] for field, _ in axes]):
+    for path in write_tables(workdir, rows, [f.split(".")[-1] for fields, _ in axes for f in fields]):
         print(f"wrote {path}")
 
 

@@ -9,9 +9,11 @@
 Likelihood (``vdm.likelihood.negative_elbo``): every example of ``--split``,
 in bits/dim for images and nats for toy data, with standard errors and the
 prior / diffusion / decoder breakdown. ``--elbo`` is a comma list of
-``exact`` (discrete models: the sum over all T terms, Ho et al. 2020 eq. 5)
-and ``mc`` (``--num_samples`` Monte-Carlo draws per example; the only choice
-in continuous time). With both, the difference exact - mc and its standard
+``exact`` (discrete models: the sum over all T terms, Ho et al. 2020 eq. 5; a
+continuous model with ``--exact_T=T``: the sum over the T terms of its T-step
+bound, Kingma et al. 2021 eq. 15, which lies above the continuous one)
+and ``mc`` (``--num_samples`` Monte-Carlo draws per example, low-discrepancy times in
+continuous time). With both, the difference exact - mc and its standard
 error are reported. Toy data with an exact density also get the exact NLL and
 the gap -ELBO - NLL.
 
@@ -21,6 +23,10 @@ dimensions) or ``--ode_probes`` Hutchinson probes; 8-bit images are uniformly
 dequantized and reported as a bound on the 8-bit scale (+ log2(127.5) bits/dim).
 Image evaluations also print the per-pixel categorical baseline of the split
 (``vdm.baselines``) beside the bound.
+
+``--estimator_variance_draws=K`` (continuous time) measures the variance of the
+one-draw loss estimate, per example from K independent draws, averaged over the
+split (Kingma et al. 2021, Fig. 4).
 
 Sample quality (``--sample_metrics``): ``--num_generated`` samples from the
 EMA parameters with ``--sampler``. Toy data: MMD and sliced Wasserstein to
@@ -61,6 +67,8 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 0, "Monte-Carlo draws per exa
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Evaluation batch size (0: the config's eval.batch_size).")
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0: the whole split).")
 _CHUNK = flags.DEFINE_integer("chunk", 0, "Timesteps per model call in the exact sum (0: eval.elbo_chunk).")
+_EXACT_T = flags.DEFINE_integer("exact_T", 0, "Continuous-time model, --elbo=exact: the T of its T-step bound "
+                                "(Kingma et al. eq. 15), summed over all T terms (0: diffusion.T).")
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: the latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
 _SAMPLE_METRICS = flags.DEFINE_bool("sample_metrics", False, "Also draw samples and measure their quality.")
@@ -78,19 +86,24 @@ _MODES = flags.DEFINE_list("mode_centres", [], "Toy data: mode centres (1-D: num
 _INCEPTION = flags.DEFINE_string("inception_weights", "", "InceptionV3 FID weights (.npz) for FID on images.")
 _CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 1000, "Training steps of the feature classifier "
                                          "(first use only; cached in the workdir).")
+_VARIANCE_DRAWS = flags.DEFINE_integer("estimator_variance_draws", 0, "Continuous-time model: also measure the "
+                                       "variance of the one-draw loss estimate from this many independent "
+                                       "draws per example (0: skip).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
 _OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<split>.json).")
 
 
-def elbo_methods(values, discrete: bool) -> list:
+def elbo_methods(values, discrete: bool, exact_T: int = 0) -> list:
+    """The --elbo methods; exact needs a discrete model or, in continuous time, exact_T > 0."""
     methods = values or (["exact"] if discrete else ["mc"])
     if methods == ["none"]:
         return []
     for m in methods:
         if m not in ELBO_METHODS:
             raise app.UsageError(f"--elbo={m!r}: allowed values are {ELBO_METHODS} (comma-separated) or none")
-        if m == "exact" and not discrete:
-            raise app.UsageError("--elbo=exact needs a discrete-time model (diffusion.time = 'discrete'); use mc")
+        if m == "exact" and not discrete and exact_T < 1:
+            raise app.UsageError("--elbo=exact needs a discrete-time model (diffusion.time = 'discrete') or, "
+                                 "in continuous time, --exact_T=T (the T-step bound); else use mc")
     return methods
 
 
@@ -111,7 +124,7 @@ def ode_divergence(num_dims: int) -> str:
     return "exact" if num_dims <= 16 else "hutchinson"
 
 
-def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1):
+def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1, exact_T=0):
     """The per-example terms function of ``vdm.likelihood`` for a method and this model."""
     from vdm import build, likelihood, ode_likelihood
 
@@ -126,6 +139,15 @@ def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=Fal
                                       variance_type=d.variance, divergence=ode_divergence(num_dims),
                                       num_probes=_ODE_PROBES.value,
                                       dequantize=images and not config.data.dequantize)
+    if not process.discrete:  # the VDM bound, on the path's own interval (build.elbo_time)
+        tau = build.elbo_time(d)
+        bound_model_fn_of = lambda p: (lambda z, u: model_fn_of(p)(z, tau(u)))
+        bound_log_snr = lambda p, u: process.log_snr(p, tau(u))
+        if method == "exact":
+            return likelihood.vdm_elbo_exact_terms(bound_model_fn_of, bound_log_snr, exact_T, chunk=chunk,
+                                                   parameterization=d.parameterization, decoder=decoder)
+        return likelihood.vdm_elbo_terms(bound_model_fn_of, bound_log_snr, num_samples, T=d.T,
+                                         parameterization=d.parameterization, decoder=decoder)
     if not process.discrete:
         return likelihood.vdm_elbo_terms(model_fn_of, process.log_snr, num_samples, T=d.T,
                                        parameterization=d.parameterization, decoder=decoder)
@@ -246,7 +268,8 @@ def main(argv):
     dataset = data.build_dataset(config.data, split=_SPLIT.value, global_batch_size=batch_size,
                                  seed=config.seed)
     setup = build.build_setup(config, dataset)
-    methods = elbo_methods(_ELBO.value, setup.process.discrete)
+    exact_T = _EXACT_T.value or config.diffusion.T
+    methods = elbo_methods(_ELBO.value, setup.process.discrete, 0 if setup.process.discrete else exact_T)
     centres = parse_centres(_MODES.value) if _MODES.value else None
     images = len(dataset.data_shape) == 3
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
@@ -263,14 +286,18 @@ def main(argv):
     dims = int(np.prod(dataset.data_shape))
     for m in methods:
         terms_fn = elbo_terms_fn(m, setup, config, decoder, num_samples, _CHUNK.value or ev.elbo_chunk,
-                                 images, dims)
+                                 images, dims, exact_T)
         if m == "ode":
             probes = (f"Hutchinson, {_ODE_PROBES.value} Rademacher probes" if ode_divergence(dims) == "hutchinson"
                       else "exact divergence")
             label = (f"probability-flow ODE, {_ODE_STEPS.value} Heun steps, {probes}"
                      + (", uniform dequantization" if images else ""))
+        elif m == "exact" and not setup.process.discrete:
+            label = f"exact sum over the T = {exact_T} terms of the T-step bound (eq. 15)"
         else:
             label = "exact sum over T terms" if m == "exact" else f"Monte Carlo, {num_samples} draws per example"
+            if m == "mc" and not setup.process.discrete:
+                label += " (low-discrepancy times)"
         r = likelihood.negative_elbo(terms_fn, params, likelihood.epoch_batches(dataset, batch_size),
                                    jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
                                    log_prob_fn=dataset.log_prob, max_batches=_MAX_BATCHES.value or None,
@@ -286,13 +313,27 @@ def main(argv):
         print(f"per-pixel categorical baseline (add-{ref['alpha']:g} smoothing chosen by leave-one-out on "
               f"{ref['num_train']} training images): {ref['mean']:.5f} (stderr {ref['stderr']:.5f}) "
               f"bits/dim on {_SPLIT.value}\n")
-    if "exact" in result["elbo"] and "mc" in result["elbo"]:
+    if "exact" in result["elbo"] and "mc" in result["elbo"] and setup.process.discrete:
+        # (continuous time: exact is the T-step bound, which lies above the continuous one)
         a, b = (result["elbo"][m]["terms"]["total"] for m in ("exact", "mc"))
         diff = {"mean": a["mean"] - b["mean"], "stderr_mc": b["stderr"]}
         diff["within_stderr"] = abs(diff["mean"]) <= b["stderr"]
         result["exact_minus_mc"] = diff
         print(f"exact - mc = {diff['mean']:+.5f} (mc stderr {b['stderr']:.5f}; "
               f"{'within' if diff['within_stderr'] else 'outside'} one standard error)\n")
+
+    if _VARIANCE_DRAWS.value:
+        if setup.process.discrete:
+            raise app.UsageError("--estimator_variance_draws needs a continuous-time model")
+        model_fn_of = lambda p: build.make_model_fn(setup.network, setup.process, config.diffusion.time_input, p)
+        r = likelihood.vdm_estimate_variance(model_fn_of, setup.process.log_snr, params,
+                                             likelihood.epoch_batches(dataset, batch_size), jax.random.fold_in(key, 99),
+                                             _VARIANCE_DRAWS.value, T=config.diffusion.T,
+                                             parameterization=config.diffusion.parameterization, decoder=decoder,
+                                             num_dims=num_dims, max_batches=_MAX_BATCHES.value or None)
+        result["estimator_variance"] = r
+        for name, v in r["terms"].items():
+            print(f"variance of the one-draw estimate, {name}: {v['mean']:.4g} +- {v['stderr']:.2g} {r['unit']}")
 
     if _SAMPLE_METRICS.value:
         from vdm import viz

@@ -748,3 +748,83 @@ def test_vdm_loss_is_finite_for_every_schedule_decoder_and_parameterization(name
 
     for k, (v, g) in run(jnp.float32(0.3)).items():
         assert np.isfinite(v) and np.isfinite(g), (name, k, v, g)
+
+
+# ---------------------------------------------------------------------------
+# The variance-minimizing schedule gradient and the exact T-step VDM bound.
+# ---------------------------------------------------------------------------
+
+
+def _learned_schedule(seed, hidden=8):
+    from vdm.models import schedule_net
+
+    net = schedule_net.LearnedLogSNR(LAM_MAX, LAM_MIN, hidden=hidden, learn_endpoints=True)
+    return net, net.init(jax.random.PRNGKey(seed), jnp.zeros((2,)))["params"]
+
+
+@pytest.mark.parametrize("T", [0, 10])
+def test_variance_schedule_gradient_changes_only_the_interior_gradient(T):
+    """Kingma et al. §5.2: same value; the model and the endpoints get the loss gradient, the
+    schedule's interior the gradient of E[L_diff^2] (d Var / d eta, as E[L] does not depend on it)."""
+    from vdm.models import schedule_net
+
+    net, sched = _learned_schedule(0)
+    x0 = gaussian_data(3, 64, D_VDM)
+
+    def run(params, mode, squared=False):
+        fn = lambda t: net.apply({"params": params["s"]}, t)
+        fixed = lambda t: net.apply({"params": schedule_net.stop_endpoint_gradients(params["s"])}, t)
+        model = lambda z, t: params["w"] * posterior_x0(z, fn(t)[:, None])[0]
+        total, m = losses.vdm_loss(model, fn, jax.random.PRNGKey(1), x0, T=T, parameterization="x0",
+                                   decoder="gaussian", schedule_gradient=mode, shape_log_snr_fn=fixed)
+        return jnp.mean(m["diffusion"] ** 2) if squared else jnp.mean(total)
+
+    params = {"s": sched, "w": jnp.float32(0.9)}
+    value, g_loss = jax.value_and_grad(run)(params, "loss")
+    value_var, g_var = jax.value_and_grad(run)(params, "variance")
+    g_square = jax.grad(run)(params, "loss", True)
+    np.testing.assert_allclose(value_var, value, rtol=1e-6)
+    np.testing.assert_allclose(g_var["w"], g_loss["w"], rtol=1e-5)
+    for end in ("log_snr_max", "log_span"):
+        np.testing.assert_allclose(g_var["s"][end], g_loss["s"][end], rtol=1e-4)
+    for layer in ("l1", "l2", "l3"):
+        for name, g in g_var["s"][layer].items():
+            np.testing.assert_allclose(g, g_square["s"][layer][name], rtol=5e-3, atol=1e-4 * np.abs(g).max())
+            assert not np.allclose(g, g_loss["s"][layer][name], rtol=0.1)
+
+
+def test_continuous_vdm_loss_is_invariant_to_a_learned_interior():
+    """The property the variance gradient rests on (§5.1): two learned schedules with the same
+    endpoints give the same expected continuous-time loss, the closed form for Gaussian data."""
+    x0 = gaussian_data(5, 4096, D_VDM)
+    want = expected_diffusion_loss(0)
+    for seed in (0, 1):
+        net, sched = _learned_schedule(seed, hidden=16)
+        fn = lambda t: net.apply({"params": sched}, t)
+        _, m = jax.jit(lambda k: losses.vdm_loss(optimal_vdm_model(fn), fn, k, x0, parameterization="x0",
+                                                 decoder="gaussian", schedule_gradient="variance"))(
+            jax.random.PRNGKey(seed))
+        d = np.float64(m["diffusion"])
+        assert abs(d.mean() - want) < 4 * d.std() / math.sqrt(d.size), (seed, d.mean(), want)
+
+
+def test_vdm_elbo_exact_sums_the_T_step_bound():
+    """losses.vdm_elbo_exact: the same per-term noise whatever the chunking; its diffusion sum
+    matches eq. 15's closed form for Gaussian data and the Monte-Carlo T-step vdm_loss."""
+    fn = schedules.continuous_schedule("vdm_linear")
+    x0 = gaussian_data(9, 512, D_VDM)
+    model = optimal_vdm_model(fn)
+    T = 10
+    exact = lambda chunk: jax.jit(lambda k: losses.vdm_elbo_exact(
+        model, fn, k, x0, T, chunk=chunk, parameterization="x0", decoder="gaussian"))(jax.random.PRNGKey(0))
+    a, b = exact(3), exact(10)
+    np.testing.assert_allclose(a["total"], b["total"], rtol=1e-4)
+    np.testing.assert_allclose(a["total"], a["prior"] + a["diffusion"] + a["decoder"], rtol=1e-5)
+    d = np.float64(a["diffusion"])
+    se = d.std() / math.sqrt(d.size)
+    assert abs(d.mean() - expected_diffusion_loss(T)) < 4 * se
+    _, m = jax.jit(lambda k: losses.vdm_loss(model, fn, k, x0, T=T, parameterization="x0",
+                                             decoder="gaussian"))(jax.random.PRNGKey(1))
+    mc = np.float64(m["diffusion"])
+    assert abs(d.mean() - mc.mean()) < 4 * math.hypot(se, mc.std() / math.sqrt(mc.size))
+    assert se < mc.std() / math.sqrt(mc.size)  # summing over t removes its Monte-Carlo noise

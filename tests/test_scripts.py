@@ -268,3 +268,18 @@ def test_ablate_docstring_examples_validate():
         for values in itertools.product(*(vals for _, vals in axes)):
             point = dict(overrides, **{field: v for (field, _), v in zip(axes, values)})
             ablate.run_config(config, point)
+
+
+def test_ablate_splits_tuple_values_and_links_fields():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ablate
+    from configs import digits_vdm_ablation
+
+    assert ablate.split_values("(1,2,3),(6, 7),()") == ["(1,2,3)", "(6, 7)", "()"]
+    assert ablate.split_values("eps,v") == ["eps", "v"]
+    config = digits_vdm_ablation.get_config()
+    axes = ablate.parse_axes(config, ["model.fourier_exponents=(1,2),()", "loss.name=vdm,simple;diffusion.T=0,10"])
+    assert axes == [(("model.fourier_exponents",), [((1, 2),), ((),)]),
+                    (("loss.name", "diffusion.T"), [("vdm", 0), ("simple", 10)])]
+    with pytest.raises(Exception, match="same number of values"):
+        ablate.parse_axes(config, ["loss.name=vdm,simple;diffusion.T=0"])

@@ -152,6 +152,19 @@ class Objective(NamedTuple):
     update_loss_state: Callable
 
 
+def elbo_time(diffusion_cfg: ml_collections.ConfigDict) -> Callable:
+    """u in [0, 1] -> the time at which the VDM bound (``losses.vdm_loss``) evaluates the path.
+
+    The identity, except for a path whose log-SNR is infinite at its ends (the 'flow'
+    schedule: +inf at t = 0, SNR 0 at t = 1), which has no finite prior or decoder term: its
+    bound is that of the path on [T_CLIP, 1 - T_CLIP] (score_sde's eps = 1e-5, the interval of
+    its likelihoods), t = T_CLIP + (1 - 2 T_CLIP) u, prior at the upper end, decoder at the lower.
+    """
+    if diffusion_cfg.time == "continuous" and diffusion_cfg.schedule == "flow":
+        return lambda u: losses.T_CLIP + (1.0 - 2.0 * losses.T_CLIP) * u
+    return lambda u: u
+
+
 def decoder_for(loss_cfg: ml_collections.ConfigDict, discrete_8bit: bool) -> str:
     """``loss.decoder``, with "auto" resolved from the data: 8-bit data get the discretized
     Gaussian (discrete time) or VDM's categorical decoder (continuous), real data a Gaussian."""
@@ -213,16 +226,22 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
             return losses.discrete_elbo_mc(fn, key, x[None], process.schedule, ev.elbo_samples,
                                            **common)["total"][0]
     else:
-        common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder)
+        common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder,
+                      schedule_gradient=lc.schedule_gradient)
+        bound_time = elbo_time(d)
 
         def vdm_nats(params, key, index, x, train):
             k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
             u = (low_discrepancy_times(k_offset, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
-            total, metrics = losses.vdm_loss(model_fn(params, k_drop, train),
-                                             lambda t: process.log_snr(params, t), k_drop, x,
-                                             u=u, eps=example_normal(k_eps, x),
-                                             eps_0=example_normal(k_eps0, x), **common)
+            fixed_ends = ({**params, "schedule": models.schedule_net.stop_endpoint_gradients(params["schedule"])}
+                          if "schedule" in params else params)
+            net = model_fn(params, k_drop, train)
+            total, metrics = losses.vdm_loss(lambda z, t: net(z, bound_time(t)),
+                                             lambda t: process.log_snr(params, bound_time(t)), k_drop, x,
+                                             u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
+                                             shape_log_snr_fn=lambda t: process.log_snr(fixed_ends, bound_time(t)),
+                                             **common)
             return total, metrics["t"]
 
         def vdm_bpd_loss(params, key, index, x, loss_state, train):

@@ -62,6 +62,7 @@ def defaults() -> ml_collections.ConfigDict:
         antithetic=True,            # vdm: low-discrepancy times over the global batch
         # continuous "simple" (EDM, flow matching): the training times (losses.sample_times)
         t_sampling="uniform", t_loc=0.0, t_scale=1.0,
+        schedule_gradient="loss",   # vdm: the learned schedule's interior follows "loss" or "variance" (§5.2)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9,
@@ -193,7 +194,8 @@ def validate_diffusion(d: ml_collections.ConfigDict) -> None:
 
 def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> None:
     _require("loss", loss, ("name", "loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
-                            "decoder", "importance_sampling", "history", "antithetic"))
+                            "decoder", "importance_sampling", "history", "antithetic",
+                            "schedule_gradient"))
     if d.time == "continuous":
         if loss.name not in CONTINUOUS_LOSSES:
             _fail("loss.name", loss.name, f"continuous time (diffusion.time = 'continuous') trains with one of "
@@ -213,6 +215,7 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     if loss.name == "simple" and diffusion_lib.learns_variance(d.variance):
         _fail("loss.name", "simple", f"the simple loss does not train the variance of diffusion.variance = "
               f"{d.variance!r}; use 'hybrid' or 'vlb', or a fixed variance ('fixed_small', 'fixed_large')")
+    _one_of(loss, "schedule_gradient", "loss", losses.SCHEDULE_GRADIENTS)
     if not isinstance(loss.antithetic, bool):
         _fail("loss.antithetic", loss.antithetic, "must be True or False")
     if not isinstance(loss.importance_sampling, bool):
@@ -225,17 +228,17 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
 
 # The loss options that only some losses read; the others must leave them at their defaults.
 OPTIONAL_LOSS_FIELDS = ("loss_type", "weighting", "target", "snr_gamma", "hybrid_lambda",
-                        "t_sampling", "t_loc", "t_scale")
+                        "t_sampling", "t_loc", "t_scale", "schedule_gradient")
 
 
 def loss_fields_read(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> set[str]:
     """The fields of OPTIONAL_LOSS_FIELDS that the configured loss reads (``build.build_objective``):
     discrete simple/hybrid read the simple loss's options (``snr_gamma`` with weighting
     ``min_snr`` only, ``hybrid_lambda`` for hybrid only); discrete vlb and continuous vdm read
-    none; continuous simple reads the training-time distribution (``t_sampling``, ``t_loc``,
-    ``t_scale``)."""
+    none but ``schedule_gradient`` (vdm); continuous simple reads the training-time distribution
+    (``t_sampling``, ``t_loc``, ``t_scale``)."""
     if d.time == "continuous":
-        return {"t_sampling", "t_loc", "t_scale"} if loss.name == "simple" else set()
+        return {"t_sampling", "t_loc", "t_scale"} if loss.name == "simple" else {"schedule_gradient"}
     if loss.name == "vlb":
         return set()
     read = {"loss_type", "weighting", "target"}

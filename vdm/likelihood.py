@@ -17,6 +17,7 @@ import os
 from typing import Callable, Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdm import diffusion, losses
@@ -93,26 +94,89 @@ def discrete_elbo_mc_terms(model_fn_of: Callable, schedule, num_samples: int, *,
 
 def vdm_elbo_terms(model_fn_of: Callable, log_snr_fn: Callable, num_samples: int, *, T: int = 0,
                    parameterization: str = "eps", decoder: str = "categorical",
-                   num_bins: int = 256) -> Callable:
+                   num_bins: int = 256, antithetic: bool = True) -> Callable:
     """Per-example -ELBO of a continuous-time (T = 0) or T-step VDM averaged over
     ``num_samples`` Monte-Carlo draws of ``losses.vdm_loss`` (Kingma et al. 2021, eqs. 10-17),
     as ``terms_fn(params, key, x)``. ``log_snr_fn(params, t)`` is the (possibly learned)
     schedule, as ``build.Process.log_snr``.
+
+    ``antithetic``: each example's K draws take the low-discrepancy times
+    u_k = (u + k/K) mod 1, u ~ U(0, 1) drawn per example (Kingma et al. App. I.1, here over one
+    example's draws), so examples stay independent and the standard error over examples is
+    valid; otherwise every time is drawn independently.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
 
     def terms_fn(params, key, x):
-        def one(k):
+        k_u, k_draws = jax.random.split(key)
+        B = x.shape[0]
+        offsets = jnp.arange(num_samples, dtype=jnp.float32) / num_samples if antithetic else None
+        u = (jnp.mod(jax.random.uniform(k_u, (B, 1)) + offsets, 1.0) if antithetic
+             else jax.random.uniform(k_u, (B, num_samples)))
+
+        def one(args):
+            k, u_k = args
             total, m = losses.vdm_loss(model_fn_of(params), lambda t: log_snr_fn(params, t), k, x, T=T,
                                        parameterization=parameterization, decoder=decoder,
-                                       num_bins=num_bins)
+                                       num_bins=num_bins, u=u_k)
             return dict(prior=m["prior"], diffusion=m["diffusion"], decoder=m["decoder"], total=total)
 
-        draws = jax.lax.map(one, jax.random.split(key, num_samples))
+        draws = jax.lax.map(one, (jax.random.split(k_draws, num_samples), u.T))
         return jax.tree.map(lambda a: a.mean(0), draws)
 
     return terms_fn
+
+
+def vdm_elbo_exact_terms(model_fn_of: Callable, log_snr_fn: Callable, T: int, *, chunk: int = 1,
+                         parameterization: str = "eps", decoder: str = "categorical",
+                         num_bins: int = 256) -> Callable:
+    """Per-example -ELBO of a VDM at T steps with the T diffusion terms summed exactly
+    (``losses.vdm_elbo_exact``, Kingma et al. eq. 15) as ``terms_fn(params, key, x)``; for a
+    continuous-time model it is the bound of its T-step discretisation (>= the continuous one)."""
+    def terms_fn(params, key, x):
+        return losses.vdm_elbo_exact(model_fn_of(params), lambda t: log_snr_fn(params, t), key, x, T,
+                                     chunk=chunk, parameterization=parameterization, decoder=decoder,
+                                     num_bins=num_bins)
+
+    return terms_fn
+
+
+def vdm_estimate_variance(model_fn_of: Callable, log_snr_fn: Callable, params, batches: Iterable, key,
+                          num_draws: int, *, T: int = 0, parameterization: str = "eps",
+                          decoder: str = "categorical", num_dims: int | None = None,
+                          max_batches: int | None = None) -> dict:
+    """The variance of the one-draw VDM loss estimate (Kingma et al. 2021, §5.2 and Fig. 4):
+    for every example, ``num_draws`` independent draws of (t, eps, z_0) give the sample
+    variance of ``losses.vdm_loss``; returns its mean over the examples of ``batches`` with
+    the standard error of that mean, in (bits/dim)^2 with ``num_dims`` (else nats^2), and the
+    same for the diffusion term alone: {"unit", "num_examples", "num_draws", "terms"}.
+    """
+    if not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"num_draws must be an integer >= 2, got {num_draws!r}")
+
+    def variances(params, key, x):
+        def one(k):
+            total, m = losses.vdm_loss(model_fn_of(params), lambda t: log_snr_fn(params, t), k, x, T=T,
+                                       antithetic=False, parameterization=parameterization,
+                                       decoder=decoder)
+            return jnp.stack([total, m["diffusion"]])
+
+        draws = jax.lax.map(one, jax.random.split(key, num_draws))  # [K, 2, B]
+        return jnp.var(draws, axis=0, ddof=1)
+
+    jitted = jax.jit(variances)
+    scale = 1.0 / (num_dims * math.log(2.0)) ** 2 if num_dims else 1.0
+    moments = _Moments()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, mask = _batch_x_mask(batch)
+        v = np.asarray(jax.device_get(jitted(params, jax.random.fold_in(key, i), x)), np.float64) * scale
+        moments.add("total", v[0], mask)
+        moments.add("diffusion", v[1], mask)
+    return {"unit": "(bits/dim)^2" if num_dims else "nats^2", "num_examples": moments.n["total"],
+            "num_draws": num_draws, "terms": {k: moments.summary(k) for k in ("total", "diffusion")}}
 
 
 def ode_nll_terms(model_fn_of: Callable, grid_of: Callable, *, parameterization: str = "eps",

@@ -22,6 +22,7 @@ class labels before passing it in.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable, NamedTuple
@@ -39,6 +40,7 @@ LOSS_TYPES = ("l2", "l1")
 WEIGHTINGS = ("none", "elbo", "snr", "truncated_snr", "min_snr")
 DECODERS = ("discretized", "gaussian")                   # p(x_0 | x_1) of the discrete ELBO
 VDM_DECODERS = ("categorical", "discretized", "gaussian")  # p(x | z_0) of vdm_loss
+SCHEDULE_GRADIENTS = ("loss", "variance")                  # vdm_loss: what the schedule's interior follows
 
 BIN_WIDTH_8BIT = 2.0 / 255.0  # 8-bit data scaled to [-1, 1]: x = k / 127.5 - 1, k = 0..255
 _MIDPOINT_THRESHOLD = 5e-3    # see discretized_gaussian_log_likelihood
@@ -584,7 +586,8 @@ def discrete_elbo_mc(model_fn: Callable, key, x0, schedule: schedules.DiscreteSc
 
 def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
              antithetic: bool = True, parameterization: str = "eps",
-             decoder: str = "categorical", num_bins: int = 256, u=None, eps=None, eps_0=None):
+             decoder: str = "categorical", num_bins: int = 256, u=None, eps=None, eps_0=None,
+             schedule_gradient: str = "loss", shape_log_snr_fn: Callable | None = None):
     """-ELBO of a VDM (Kingma et al. 2021, eqs. 10-11), one Monte-Carlo sample per example,
     in nats: prior + diffusion + decoder, each [B].
 
@@ -602,6 +605,11 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
     (Kingma et al.'s low-discrepancy sampler; an unbiased, lower-variance estimate).
     Given ``u`` (uniform numbers in [0, 1), [B]) replaces that draw, and ``eps`` / ``eps_0``
     (x0's shape) the noise of z_t / z_0 (the training loop draws them per example).
+    ``schedule_gradient`` = "variance" changes the gradient, not the value: the schedule's
+    interior gets the variance-minimizing gradient of Kingma et al. §5.2 (see
+    ``_interior_variance_gradient``), its endpoints and the model the gradient of the loss;
+    ``shape_log_snr_fn`` is then the same schedule with its endpoint parameters held fixed
+    (stop_gradient), from which the interior shape is computed (default: log_snr_fn).
     Returns (total [B], metrics) with metrics prior, diffusion, decoder and t, each [B].
     """
     diffusion.check_parameterization(parameterization)
@@ -621,28 +629,151 @@ def vdm_loss(model_fn: Callable, log_snr_fn: Callable, key, x0, *, T: int = 0,
     else:
         u = jax.random.uniform(key_t, (B,))
 
+    _check_choice("schedule_gradient", schedule_gradient, SCHEDULE_GRADIENTS)
+    if eps is None:
+        eps = jax.random.normal(key_eps, x0.shape, x0.dtype)
     if T == 0:
-        t = u
-        lam_t, dlam_dt = schedules.log_snr_and_derivative(log_snr_fn, t)
-        weight = -0.5 * dlam_dt
+        t, s = u, None
     else:
         i = jnp.clip(jnp.ceil(u * T), 1, T)
-        t = i / T
-        lam_t = log_snr_fn(t)
-        weight = 0.5 * T * jnp.expm1(log_snr_fn((i - 1) / T) - lam_t)
-    z_t, eps = diffusion.sample_q_xt_given_x0(key_eps, x0, lam_t, eps)
-    _, eps_hat = diffusion.x0_eps_from_output(model_fn(z_t, t), z_t, lam_t, parameterization)
-    diff = weight * _sum_dims(jnp.square(eps - eps_hat))
+        t, s = i / T, (i - 1) / T
 
+    def diffusion_term(lam_t, weight):
+        z_t, _ = diffusion.sample_q_xt_given_x0(None, x0, lam_t, eps)
+        _, eps_hat = diffusion.x0_eps_from_output(model_fn(z_t, t), z_t, lam_t, parameterization)
+        return weight * _sum_dims(jnp.square(eps - eps_hat))
+
+    if schedule_gradient == "loss":
+        diff = diffusion_term(*_vdm_level_and_weight(log_snr_fn, t, s, T))
+    else:
+        diff = _interior_variance_gradient(log_snr_fn, shape_log_snr_fn or log_snr_fn, t, s, T,
+                                           diffusion_term)
+    prior, dec = _vdm_prior_and_decoder(log_snr_fn, key_0, x0, decoder, num_bins, eps_0)
+    return prior + diff + dec, dict(prior=prior, diffusion=diff, decoder=dec, t=t)
+
+
+def _vdm_level_and_weight(log_snr_fn: Callable, t, s, T: int):
+    """(lambda(t), w) with the diffusion term w ||eps - eps_hat||^2: w = -0.5 dlambda/dt
+    (eq. 17, T = 0) or, for t = i/T and s = (i - 1)/T, w = 0.5 T expm1(lambda(s) - lambda(t))
+    (eq. 15)."""
+    if T == 0:
+        lam_t, dlam_dt = schedules.log_snr_and_derivative(log_snr_fn, t)
+        return lam_t, -0.5 * dlam_dt
+    lam_t = log_snr_fn(t)
+    return lam_t, 0.5 * T * jnp.expm1(log_snr_fn(s) - lam_t)
+
+
+def _vdm_prior_and_decoder(log_snr_fn: Callable, key_0, x0, decoder: str, num_bins: int, eps_0=None):
+    """(prior [B], decoder [B]) of the VDM bound: KL(q(z_1 | x) || N(0, I)) and -log p(x | z_0)
+    at one draw z_0 ~ q(z_0 | x) (eps_0 if given), in nats."""
     prior = prior_kl(x0, log_snr_fn(jnp.float32(1.0)))
     lam_0 = log_snr_fn(jnp.float32(0.0))
     z_0, _ = diffusion.sample_q_xt_given_x0(key_0, x0, lam_0, eps_0)
     if decoder == "categorical":
-        dec = -_sum_dims(vdm_categorical_decoder_log_likelihood(x0, z_0, lam_0, num_bins))
-    else:
-        alpha_0, _ = diffusion.alpha_sigma(lam_0)
-        dec = _decoder_nll(decoder, x0, z_0 / alpha_0, jnp.broadcast_to(-0.5 * lam_0, x0.shape))
-    return prior + diff + dec, dict(prior=prior, diffusion=diff, decoder=dec, t=t)
+        return prior, -_sum_dims(vdm_categorical_decoder_log_likelihood(x0, z_0, lam_0, num_bins))
+    alpha_0, _ = diffusion.alpha_sigma(lam_0)
+    return prior, _decoder_nll(decoder, x0, z_0 / alpha_0, jnp.broadcast_to(-0.5 * lam_0, x0.shape))
+
+
+def _interior_variance_gradient(log_snr_fn: Callable, shape_log_snr_fn: Callable, t, s, T: int,
+                                diffusion_term: Callable):
+    """The diffusion term diffusion_term(lambda(t), w) [B] with the variance-minimizing schedule
+    gradient of Kingma et al. 2021 (§5.2, App. I.2).
+
+    Write lambda(t) = lambda(0) - (lambda(0) - lambda(1)) f(t): the endpoints lambda(0),
+    lambda(1) and the interior shape f (0 at t = 0, 1 at t = 1). In continuous time the
+    expected loss depends on the endpoints only, so f is trained to minimise the variance of
+    the estimate, d/df E[L^2] = E[2 L dL/df]: the cotangent reaching f(t_i) (and f'(t_i), or
+    f(s_i) in T-step form) is multiplied by 2 L_i, L_i example i's diffusion term. The
+    endpoints and everything diffusion_term closes over (the model) get the ordinary gradient,
+    and the value is the same as without it. (The public google-research/vdm code has no such
+    gradient; this follows the paper's description.)
+
+    f is computed from ``shape_log_snr_fn``, the schedule with its endpoint parameters held fixed:
+    f does not depend on them, but computed from log_snr_fn its zero derivative with respect
+    to them is float32 cancellation, which the factor 2 L would amplify.
+    """
+    lam0, lam1 = log_snr_fn(jnp.float32(0.0)), log_snr_fn(jnp.float32(1.0))
+    span = lam0 - lam1
+    fixed0, fixed1 = shape_log_snr_fn(jnp.float32(0.0)), shape_log_snr_fn(jnp.float32(1.0))
+    shape = lambda s: (fixed0 - shape_log_snr_fn(s)) / (fixed0 - fixed1)
+    if T == 0:
+        f_t, df_dt = schedules.log_snr_and_derivative(shape, t)
+
+        def term(f_t, df_dt):
+            return diffusion_term(lam0 - span * f_t, 0.5 * span * df_dt)
+
+        return _square_scaled_gradient(term, f_t, df_dt)
+
+    def term(f_t, f_s):
+        lam_t = lam0 - span * f_t
+        return diffusion_term(lam_t, 0.5 * T * jnp.expm1(span * (f_t - f_s)))
+
+    return _square_scaled_gradient(term, shape(t), shape(s))
+
+
+def _square_scaled_gradient(fn: Callable, *xs):
+    """fn(*xs) -> L [B], where each x in xs is [B] and x_i enters L_i only. The value is
+    fn(*xs). Backward, the cotangent g of L reaches the values fn closes over unchanged and
+    reaches each x as 2 L_i g_i dL_i/dx_i: the gradient of sum_i g_i L_i^2 instead of
+    sum_i g_i L_i. (closure_convert makes the closed-over tracers explicit arguments.)"""
+    converted, consts = jax.closure_convert(fn, *xs)
+    return _scaled_call(converted, len(xs), *xs, *consts)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scaled_call(fn, n, *args):
+    return fn(*args)
+
+
+def _scaled_call_fwd(fn, n, *args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, (out, vjp)
+
+
+def _scaled_call_bwd(fn, n, res, g):
+    out, vjp = res
+    grads = vjp(g)
+    return tuple(2.0 * out * gr if i < n else gr for i, gr in enumerate(grads))
+
+
+_scaled_call.defvjp(_scaled_call_fwd, _scaled_call_bwd)
+
+
+def vdm_elbo_exact(model_fn: Callable, log_snr_fn: Callable, key, x0, T: int, *, chunk: int = 1,
+                   parameterization: str = "eps", decoder: str = "categorical", num_bins: int = 256):
+    """-ELBO of the T-step VDM (Kingma et al. 2021, eq. 15) with all T diffusion terms summed,
+    nats per example: prior + sum_{i=1}^T L_i + decoder with
+
+        L_i = 0.5 expm1(lambda((i - 1)/T) - lambda(i/T)) ||eps_i - eps_hat(z_{i/T}; i/T)||^2,
+
+    one eps_i per term (key folded with i) and one z_0 draw for the decoder. It bounds the
+    continuous-time model's likelihood from below for any T (L_T >= L_inf, §4.1) and removes
+    the Monte-Carlo noise over t. The terms run ``chunk`` at a time (one model call on
+    chunk * B inputs) in a ``lax.map``. Returns prior, diffusion (sum), decoder, total, each [B].
+    """
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    B = x0.shape[0]
+    chunk = min(chunk, T)
+    n_chunks = -(-T // chunk)
+    steps = jnp.minimum(jnp.arange(1, n_chunks * chunk + 1, dtype=jnp.int32), T).reshape(n_chunks, chunk)
+    flat = lambda a: a.reshape((chunk * B,) + x0.shape[1:])
+
+    def terms_at(ic):
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, ic)
+        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape, x0.dtype))(keys)
+        u = jnp.repeat((ic.astype(jnp.float32) - 0.5) / T, B)
+        _, m = vdm_loss(model_fn, log_snr_fn, key, flat(jnp.broadcast_to(x0, (chunk,) + x0.shape)), T=T,
+                        u=u, eps=flat(eps), parameterization=parameterization, decoder=decoder,
+                        num_bins=num_bins)
+        return m["diffusion"].reshape(chunk, B) / T
+
+    diff = jnp.sum(jax.lax.map(terms_at, steps).reshape(n_chunks * chunk, B)[:T], axis=0)
+    prior, dec = _vdm_prior_and_decoder(log_snr_fn, jax.random.fold_in(key, 0), x0, decoder, num_bins)
+    return dict(prior=prior, diffusion=diff, decoder=dec, total=prior + diff + dec)
 
 
 # ---------------------------------------------------------------------------

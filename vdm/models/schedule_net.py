@@ -21,7 +21,17 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+
+ENDPOINT_PARAMS = ("log_snr_max", "log_span")  # LearnedLogSNR's parameters with learn_endpoints
+
+
+def stop_endpoint_gradients(params):
+    """LearnedLogSNR parameters with the endpoints' held fixed (stop_gradient): the schedule
+    whose gradient reaches only its interior shape (losses.vdm_loss, shape_log_snr_fn)."""
+    return {k: jax.lax.stop_gradient(v) if k in ENDPOINT_PARAMS else v for k, v in params.items()}
 
 
 class MonotoneDense(nn.Module):
