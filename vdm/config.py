@@ -223,7 +223,6 @@ def validate_loss(loss: ml_collections.ConfigDict, d: ml_collections.ConfigDict)
     if loss.importance_sampling and (d.time != "discrete" or loss.name != "vlb"):
         _fail("loss.importance_sampling", True, "importance-sampled t (Nichol & Dhariwal §3.3) applies to "
               "loss.name = 'vlb' in discrete time")
-    _refuse_unread_loss_fields(loss, d)
 
 
 # The loss options that only some losses read; the others must leave them at their defaults.
@@ -400,6 +399,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("eval.elbo", "exact", "the exact sum over T terms needs diffusion.time = 'discrete'; use 'mc'")
     validate_sample(config.sample, config.diffusion)
     validate_paths(config.diffusion, config.loss)
+    _refuse_unread_loss_fields(config.loss, config.diffusion)  # after the checks of what the loss is
     validate_sample_method(config.sample, config.diffusion)
     validate_model(config.model, config.diffusion)
     data_lib.validate_config(config.data)
