@@ -181,7 +181,8 @@ def test_ablate_validates_every_run_before_training(tmp_path):
     assert r.returncode != 0 and "no field 'model.depthh'" in r.stderr
     r = _run("ablate.py", "--config=configs/digits.py", f"--workdir={tmp_path}", "--elbo=exact",
              "--config.diffusion.time=continuous", "--config.diffusion.schedule=vdm_linear",
-             "--config.loss.name=vdm", "--config.diffusion.time_input=log_snr", "--config.diffusion.T=0")
+             "--config.loss.name=vdm", "--config.diffusion.time_input=log_snr", "--config.diffusion.T=0",
+             "--config.sample.num_steps=10")
     assert r.returncode != 0 and "--elbo=exact needs discrete time" in r.stderr
     assert not os.listdir(tmp_path)
 
@@ -266,7 +267,9 @@ def test_ablate_docstring_examples_validate():
                 overrides[key] = ablate.parse_value(value, ablate.get_field(config, key))
         axes = ablate.parse_axes(config, grids)
         for values in itertools.product(*(vals for _, vals in axes)):
-            point = dict(overrides, **{field: v for (field, _), v in zip(axes, values)})
+            point = dict(overrides)
+            for (fields, _), linked in zip(axes, values):  # an axis links one or more fields
+                point.update(zip(fields, linked))
             ablate.run_config(config, point)
 
 
