@@ -161,7 +161,7 @@ def elbo_time(diffusion_cfg: ml_collections.ConfigDict) -> Callable:
     its likelihoods), t = T_CLIP + (1 - 2 T_CLIP) u, prior at the upper end, decoder at the lower.
     """
     if diffusion_cfg.time == "continuous" and diffusion_cfg.schedule == "flow":
-        return lambda u: losses.T_CLIP + (1.0 - 2.0 * losses.T_CLIP) * u
+        return losses.clipped_time
     return lambda u: u
 
 

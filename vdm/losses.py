@@ -785,6 +785,11 @@ T_SAMPLING_DEFAULTS = {"uniform": (0.0, 1.0), "logit_normal": (0.0, 1.0), "log_n
 T_CLIP = 1e-5  # uniform t is kept in [T_CLIP, 1 - T_CLIP] (Song et al. 2021's eps = 1e-5)
 
 
+def clipped_time(u):
+    """u in [0, 1] -> t = T_CLIP + (1 - 2 T_CLIP) u in [T_CLIP, 1 - T_CLIP]."""
+    return T_CLIP + (1.0 - 2.0 * T_CLIP) * u
+
+
 def sample_times(key, log_snr_fn: Callable, batch: int, kind: str = "uniform",
                  loc: float = 0.0, scale: float = 1.0, u=None):
     """Training times t [B] in (0, 1) of a continuous schedule:
@@ -805,7 +810,7 @@ def sample_times(key, log_snr_fn: Callable, batch: int, kind: str = "uniform",
     if u is None:
         u = jax.random.uniform(key, (batch,))
     if kind == "uniform":
-        return T_CLIP + (1.0 - 2.0 * T_CLIP) * u
+        return clipped_time(u)
     n = jax.scipy.special.ndtri(jnp.clip(u, 1e-7, 1.0 - 1e-7))
     if kind == "logit_normal":
         return jax.nn.sigmoid(loc + scale * n)
