@@ -46,7 +46,7 @@ def test_one_step_transition_is_ho_et_al_eq_2():
     """q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), t = 1..T (including t = 1)."""
     x = jnp.linspace(-2, 2, 21)[:, None]
     t = np.arange(1, 21)
-    mean, var = diffusion.q_xt_given_xs(x[1:], SCHED.log_snr[t - 1], SCHED.log_snr[t])
+    mean, var = diffusion.q_xt_given_xs(x[1:], log_snr_s=SCHED.log_snr[t - 1], log_snr_t=SCHED.log_snr[t])
     betas = np.float64(SCHED.betas[1:])[:, None]
     np.testing.assert_allclose(mean, np.sqrt(1 - betas) * np.float64(x[1:]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var, betas, rtol=1e-5)
@@ -65,9 +65,9 @@ def test_posterior_satisfies_bayes_rule_at_random_points():
     for s, t in [p for p in PAIRS if p[0] > 0] + [("c", "c")]:
         lam_s, lam_t = (LAM[s], LAM[t]) if s != "c" else (3.7, -1.2)  # continuous levels too
         x0, x_s, x_t = (jnp.asarray(rng.normal(0, 1.5, (50, 4)), jnp.float32) for _ in range(3))
-        pm, pv, plv = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+        pm, pv, plv = diffusion.q_posterior(x0, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
         np.testing.assert_allclose(np.log(np.float64(pv)), plv, rtol=1e-5, atol=1e-5)
-        tm, tv = diffusion.q_xt_given_xs(x_s, lam_s, lam_t)
+        tm, tv = diffusion.q_xt_given_xs(x_s, log_snr_s=lam_s, log_snr_t=lam_t)
         ms, vs = diffusion.q_xt_given_x0(x0, lam_s)
         mt, vt = diffusion.q_xt_given_x0(x0, lam_t)
         lhs = log_normal(x_s, pm, pv) + log_normal(x_t, mt, vt)
@@ -85,7 +85,7 @@ def test_posterior_sampled_moments():
     @jax.jit
     def draw(lam_s, lam_t, e1, e2):
         x_t, _ = diffusion.sample_q_xt_given_x0(None, x0, lam_t, e1)
-        mean, var, _ = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+        mean, var, _ = diffusion.q_posterior(x0, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
         return x_t, mean + jnp.sqrt(var) * e2
 
     for s, t in [p for p in PAIRS if p[0] > 0]:
@@ -105,7 +105,7 @@ def test_posterior_equals_the_schedule_tables():
     rng = np.random.default_rng(2)
     t = np.arange(1, 21)
     x0, x_t = (jnp.asarray(rng.normal(size=(20, 2)), jnp.float32) for _ in range(2))
-    mean, var, _ = diffusion.q_posterior(x0, x_t, SCHED.log_snr[t - 1], SCHED.log_snr[t])
+    mean, var, _ = diffusion.q_posterior(x0, x_t, log_snr_s=SCHED.log_snr[t - 1], log_snr_t=SCHED.log_snr[t])
     c0, ct = SCHED.posterior_mean_coef_x0[t][:, None], SCHED.posterior_mean_coef_xt[t][:, None]
     np.testing.assert_allclose(mean, c0 * x0 + ct * x_t, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var[:, 0], SCHED.posterior_variance[t], rtol=1e-5, atol=1e-12)
@@ -145,7 +145,7 @@ def test_p_mean_variance_for_every_variance_type():
     lam_s, lam_t = SCHED.log_snr[t - 1], SCHED.log_snr[t]
     x_t, pred = (jnp.asarray(rng.standard_normal((20, 3)), jnp.float32) for _ in range(2))
     lam_next = SCHED.log_snr[jnp.minimum(t + 1, 20)]
-    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, lam_next)
+    log_small, log_large = diffusion.reverse_log_variance_bounds(log_snr_s=lam_s, log_snr_t=lam_t, log_snr_next=lam_next)
     np.testing.assert_allclose(log_large, np.log(np.float64(SCHED.betas[1:])), rtol=1e-5, atol=1e-6)
     # improved-diffusion's posterior_log_variance_clipped: log beta~_2 at t = 1.
     np.testing.assert_allclose(log_small, np.log(np.float64(SCHED.posterior_variance)[[2] + list(range(2, 21))]),
@@ -153,12 +153,12 @@ def test_p_mean_variance_for_every_variance_type():
     # fixed_large: beta~_2 at t = 1, beta_t after (np.append(posterior_variance[1], betas[1:])).
     log_fixed_large = np.concatenate([log_small[:1], log_large[1:]])
     x0_hat, _ = diffusion.x0_eps_from_output(pred, x_t, lam_t, "eps")
-    post_mean, _, _ = diffusion.q_posterior(x0_hat, x_t, lam_s, lam_t)
+    post_mean, _, _ = diffusion.q_posterior(x0_hat, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
     want = {"fixed_small": log_small, "fixed_large": log_fixed_large}
     for vt, v in [("fixed_small", None), ("fixed_large", None), ("learned_range", -1.0),
                   ("learned_range", 1.0), ("learned_range", 0.0), ("learned", -3.0)]:
         out = pred if v is None else jnp.concatenate([pred, jnp.full_like(pred, v)], -1)
-        mean, log_var, x0_out = diffusion.p_mean_variance(out, x_t, lam_s, lam_t, "eps", vt,
+        mean, log_var, x0_out = diffusion.p_mean_variance(out, x_t, "eps", vt, log_snr_s=lam_s, log_snr_t=lam_t,
                                                           log_snr_next=lam_next)
         np.testing.assert_allclose(mean, post_mean, rtol=1e-6)
         np.testing.assert_allclose(x0_out, x0_hat, rtol=1e-6)
@@ -167,7 +167,7 @@ def test_p_mean_variance_for_every_variance_type():
         np.testing.assert_allclose(log_var, jnp.broadcast_to(jnp.asarray(ref)[..., None] if
                                                               jnp.ndim(ref) else ref, x_t.shape),
                                    rtol=1e-6, err_msg=f"{vt} {v}")
-    _, _, clipped = diffusion.p_mean_variance(pred * 100, x_t, lam_s, lam_t, "eps", "fixed_small",
+    _, _, clipped = diffusion.p_mean_variance(pred * 100, x_t, "eps", "fixed_small", log_snr_s=lam_s, log_snr_t=lam_t,
                                               clip_x0=(-1.0, 1.0))
     assert float(jnp.max(jnp.abs(clipped))) <= 1.0
 
@@ -183,7 +183,7 @@ def test_jit_vmap_grad_compatible_and_traced_levels_do_not_retrace():
     @jax.jit
     def post(x0, x_t, lam_s, lam_t):
         traces.append(1)
-        return diffusion.q_posterior(x0, x_t, lam_s, lam_t)[0]
+        return diffusion.q_posterior(x0, x_t, log_snr_s=lam_s, log_snr_t=lam_t)[0]
 
     x = jnp.ones((4, 3))
     for s, t in PAIRS:
@@ -207,12 +207,46 @@ def test_bad_arguments_raise_value_error_naming_them():
     with pytest.raises(ValueError, match=r"parameterization must be one of \('eps', 'x0', 'v', 'score', 'flow', 'edm'\)"):
         diffusion.x0_eps_from_output(x, x, 0.0, "mean")
     with pytest.raises(ValueError, match=r"variance type must be one of \('fixed_small'"):
-        diffusion.p_mean_variance(x, x, 1.0, 0.0, "eps", "small")
+        diffusion.p_mean_variance(x, x, "eps", "small", log_snr_s=1.0, log_snr_t=0.0)
     with pytest.raises(ValueError, match="same shape"):
         diffusion.sample_q_xt_given_x0(None, x, 0.0, jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="same shape"):
-        diffusion.q_posterior(x, jnp.zeros((3, 3)), 1.0, 0.0)
+        diffusion.q_posterior(x, jnp.zeros((3, 3)), log_snr_s=1.0, log_snr_t=0.0)
     with pytest.raises(ValueError, match="level array"):
         diffusion.q_xt_given_x0(x, jnp.zeros(5))
     with pytest.raises(ValueError, match="twice the data channels"):
         diffusion.split_variance_output(x, "learned_range")
+
+
+def _two_level_functions():
+    """Every public function of the math modules that takes two log-SNR levels."""
+    import inspect
+    from vdm import exact, losses, samplers
+    found = []
+    for module in (diffusion, losses, samplers, exact):
+        for name, fn in vars(module).items():
+            if inspect.isfunction(fn) and fn.__module__.startswith(module.__name__):
+                params = inspect.signature(fn).parameters
+                if "log_snr_s" in params and "log_snr_t" in params:
+                    found.append((f"{fn.__module__}.{name}", fn))
+    return found
+
+
+def test_two_level_functions_take_the_levels_by_keyword_only():
+    """(s, t) in one module and (t, s) in another cannot be mixed up: every function of two
+    levels takes at least one of them by keyword only, so the pair cannot be passed (or
+    swapped) by position."""
+    import inspect
+    functions = _two_level_functions()
+    assert len(functions) >= 10, [n for n, _ in functions]
+    for name, fn in functions:
+        params = inspect.signature(fn).parameters
+        positional = [level for level in ("log_snr_s", "log_snr_t")
+                      if params[level].kind is not inspect.Parameter.KEYWORD_ONLY]
+        assert len(positional) <= 1, f"{name} takes both levels by position"
+    x = jnp.zeros((2, 3))
+    lam_s, lam_t = jnp.asarray(2.0), jnp.asarray(0.0)
+    with pytest.raises(TypeError):
+        diffusion.q_posterior(x, x, lam_t, lam_s)  # the swapped positional call of (t, s) code
+    mean, _, _ = diffusion.q_posterior(x, x + 1.0, log_snr_t=lam_t, log_snr_s=lam_s)  # any order by name
+    np.testing.assert_allclose(mean, diffusion.q_posterior(x, x + 1.0, log_snr_s=lam_s, log_snr_t=lam_t)[0])

@@ -99,7 +99,7 @@ def _mc_reverse_variance(mix, key, x, lam_s, lam_t):
         k0, k1, k2 = jax.random.split(key, 3)
         comp = jax.random.categorical(k0, log_r, shape=(n,))
         x0 = (mu + a * v0 * (x - a * mu) / v)[comp] + jnp.sqrt(v0 * s ** 2 / v)[comp] * jax.random.normal(k1, (n,))
-        mean, var, _ = diffusion.q_posterior(x0[:, None], jnp.full((n, 1), x), lam_s, lam_t)
+        mean, var, _ = diffusion.q_posterior(x0[:, None], jnp.full((n, 1), x), log_snr_s=lam_s, log_snr_t=lam_t)
         return jnp.var(mean + jnp.sqrt(var) * jax.random.normal(k2, (n, 1)))
 
     keys = jax.random.split(key, x.shape[0])
@@ -117,9 +117,10 @@ def test_learned_variance_is_the_moment_matched_reverse_variance():
     mc = _mc_reverse_variance(mix, jax.random.PRNGKey(4), x, lam_s, lam_t)
     np.testing.assert_allclose(np.exp(out[:, 1]), mc, rtol=0.02)
     model_r = exact.model_fn(mix, "eps", schedule=SCHEDULE, variance_type="learned_range")
-    log_var_r = jax.jit(lambda x: diffusion.p_mean_variance(model_r(x, t), x, lam_s, lam_t, "eps",
-                                                            "learned_range")[1])(x)
-    log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, SCHEDULE.log_snr[t + 1])
+    log_var_r = jax.jit(lambda x: diffusion.p_mean_variance(model_r(x, t), x, "eps", "learned_range",
+                                                            log_snr_s=lam_s, log_snr_t=lam_t)[1])(x)
+    log_small, log_large = diffusion.reverse_log_variance_bounds(log_snr_s=lam_s, log_snr_t=lam_t,
+                                                                 log_snr_next=SCHEDULE.log_snr[t + 1])
     np.testing.assert_allclose(log_var_r[:, 0], np.clip(out[:, 1], log_small, log_large), rtol=1e-4, atol=1e-4)
     assert np.any(out[:, 1] > log_large) and np.any(out[:, 1] < log_large)  # both cases are exercised
 

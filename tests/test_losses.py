@@ -37,7 +37,7 @@ def optimal_discrete_model(schedule, parameterization="eps", exact_variance=Fals
         if not exact_variance:
             return out
         lam_s = schedule.log_snr[t - 1][:, None]
-        _, post_var, _ = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+        _, post_var, _ = diffusion.q_posterior(x0, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
         coef_x0 = jnp.sqrt(jax.nn.sigmoid(lam_s)) * -jnp.expm1(lam_t - lam_s)
         var = jnp.where(t[:, None] == 1, var0, post_var + coef_x0 ** 2 * var0)  # total variance
         return jnp.concatenate([out, jnp.log(var)], axis=-1)
@@ -199,7 +199,8 @@ def test_elbo_weighted_simple_loss_equals_vlb_terms():
     def run():
         res = {}
         for vt in ("fixed_small", "fixed_large"):
-            bounds = diffusion.reverse_log_variance_bounds(lam_s, lam_t, sch.log_snr[jnp.minimum(t + 1, 20)])
+            bounds = diffusion.reverse_log_variance_bounds(log_snr_s=lam_s, log_snr_t=lam_t,
+                                                           log_snr_next=sch.log_snr[jnp.minimum(t + 1, 20)])
             log_var = diffusion.fixed_log_variance(vt, *bounds, lam_s)
             gaps = []
             for i, param in enumerate(["eps", "x0", "v"]):
@@ -717,8 +718,8 @@ def test_reverse_step_tables_are_exact_to_float32(name, T):
     rng = np.random.default_rng(13)
     x0, x_t = rng.standard_normal((2, T, 3))
     mean, _, _ = diffusion.p_mean_variance(jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32),
-                                           sch.log_snr[t - 1], sch.log_snr[t], "x0", "fixed_small",
-                                           tables=tab)
+                                           "x0", "fixed_small", log_snr_s=sch.log_snr[t - 1],
+                                           log_snr_t=sch.log_snr[t], tables=tab)
     want = ref["coef1"][:, None] * x0 + ref["coef2"][:, None] * x_t
     np.testing.assert_allclose(mean, want, rtol=1e-5, atol=2e-6)
 

@@ -192,7 +192,7 @@ def test_zero_terminal_snr_rescale():
     np.testing.assert_allclose(ZERO.posterior_mean_coef_xt[-1], 0.0)
     np.testing.assert_allclose(ZERO.posterior_variance[-1], 1.0 - ZERO.alpha_bars[-2], rtol=1e-5)
     x0, x_t = jnp.ones((1, 2)), jnp.full((1, 2), 7.0)
-    mean, var, _ = diffusion.q_posterior(x0, x_t, ZERO.log_snr[-2], ZERO.log_snr[-1])
+    mean, var, _ = diffusion.q_posterior(x0, x_t, log_snr_s=ZERO.log_snr[-2], log_snr_t=ZERO.log_snr[-1])
     np.testing.assert_allclose(mean, np.sqrt(ZERO.alpha_bars[-2]) * x0, rtol=1e-5)
     np.testing.assert_allclose(var, 1.0 - ZERO.alpha_bars[-2], rtol=1e-5)
     with pytest.raises(ValueError, match="zero_terminal_snr must be True or False"):

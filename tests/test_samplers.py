@@ -111,12 +111,12 @@ def _steps_in_every_parameterization(x, noise):
         small = samplers.Denoiser(_model(MIX2, p), p)
         ranged = samplers.Denoiser(_model(MIX2, p, "learned_range"), p, "learned_range")
         out.append(jnp.stack([
-            samplers.ancestral_step(small, x, t, lt, ls, noise)[0],
-            samplers.ancestral_step(ranged, x, t, lt, ls, noise)[0],
-            samplers.ddim_step(small, x, t, lt, ls, noise, eta=0.5)[0],
+            samplers.ancestral_step(small, x, t=t, log_snr_t=lt, log_snr_s=ls, noise=noise)[0],
+            samplers.ancestral_step(ranged, x, t=t, log_snr_t=lt, log_snr_s=ls, noise=noise)[0],
+            samplers.ddim_step(small, x, t=t, log_snr_t=lt, log_snr_s=ls, noise=noise, eta=0.5)[0],
             samplers.langevin_step(small, x, t, lt, 0.01, noise)[0],
             samplers.corrector_step(small, x, t, lt, 0.99, 0.16, noise)[0],
-            samplers.ode_step(small, x, t, lt, s, ls, "heun")[0],
+            samplers.ode_step(small, x, t=t, log_snr_t=lt, s=s, log_snr_s=ls, method="heun")[0],
         ]))
     return jnp.stack(out)
 
@@ -141,8 +141,8 @@ def _ddim_vs_ancestral_every_step(x, noise):
 
     def both(t):
         lt, ls = SCHEDULE.log_snr[t], SCHEDULE.log_snr[t - 1]
-        return (samplers.ddim_step(den, x, t, lt, ls, noise, eta=1.0)[0],
-                samplers.ancestral_step(den, x, t, lt, ls, noise)[0])
+        return (samplers.ddim_step(den, x, t=t, log_snr_t=lt, log_snr_s=ls, noise=noise, eta=1.0)[0],
+                samplers.ancestral_step(den, x, t=t, log_snr_t=lt, log_snr_s=ls, noise=noise)[0])
 
     return jax.vmap(both)(t)
 

@@ -63,7 +63,7 @@ def sample_q_xt_given_x0(key, x0, log_snr_t, eps=None):
     return alpha * x0 + sigma * eps, eps
 
 
-def transition_coefficients(log_snr_s, log_snr_t):
+def transition_coefficients(*, log_snr_s, log_snr_t):
     """alpha_{t|s} and sigma_{t|s}^2 of q(x_t | x_s), s < t (Kingma et al. 2021, eq. 33):
 
     alpha_{t|s} = alpha_t / alpha_s,
@@ -75,16 +75,16 @@ def transition_coefficients(log_snr_s, log_snr_t):
     return alpha_t / alpha_s, var
 
 
-def q_xt_given_xs(x_s, log_snr_s, log_snr_t):
+def q_xt_given_xs(x_s, *, log_snr_s, log_snr_t):
     """q(x_t | x_s) for s < t; q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) is its
     case s = t - 1 (Ho et al. eq. 2). Returns (mean, variance)."""
-    a, var = transition_coefficients(_bcast(log_snr_s, x_s), _bcast(log_snr_t, x_s))
+    a, var = transition_coefficients(log_snr_s=_bcast(log_snr_s, x_s), log_snr_t=_bcast(log_snr_t, x_s))
     return a * x_s, jnp.broadcast_to(var, x_s.shape)
 
 
-def sample_q_xt_given_xs(key, x_s, log_snr_s, log_snr_t):
+def sample_q_xt_given_xs(key, x_s, *, log_snr_s, log_snr_t):
     """One forward step x_t ~ q(x_t | x_s)."""
-    mean, var = q_xt_given_xs(x_s, log_snr_s, log_snr_t)
+    mean, var = q_xt_given_xs(x_s, log_snr_s=log_snr_s, log_snr_t=log_snr_t)
     return mean + jnp.sqrt(var) * jax.random.normal(key, x_s.shape, x_s.dtype)
 
 
@@ -98,7 +98,7 @@ def forward_chain(key, x0, log_snr):
 
     def step(x_prev, inputs):
         k, lam_prev, lam = inputs
-        x = sample_q_xt_given_xs(k, x_prev, lam_prev, lam)
+        x = sample_q_xt_given_xs(k, x_prev, log_snr_s=lam_prev, log_snr_t=lam)
         return x, x
 
     _, xs = jax.lax.scan(step, x0, (keys, log_snr[:-1], log_snr[1:]))
@@ -110,7 +110,7 @@ def forward_chain(key, x0, log_snr):
 # ---------------------------------------------------------------------------
 
 
-def q_posterior(x0, x_t, log_snr_s, log_snr_t):
+def q_posterior(x0, x_t, *, log_snr_s, log_snr_t):
     """q(x_s | x_t, x_0) = N(mu, sigma^2 I) for any s < t (Kingma et al. 2021, eqs. 31-32;
     Ho et al. eqs. 6-7 for s = t - 1):
 
@@ -269,7 +269,7 @@ def learns_variance(variance_type: str) -> bool:
     return variance_type in ("learned_range", "learned")
 
 
-def reverse_log_variance_bounds(log_snr_s, log_snr_t, log_snr_next=None):
+def reverse_log_variance_bounds(*, log_snr_s, log_snr_t, log_snr_next=None):
     """(min_log, max_log) of the reverse step t -> s: the bounds of Nichol & Dhariwal's
     learned_range interpolation, which are also the fixed variances (``fixed_log_variance``).
 
@@ -327,8 +327,8 @@ def split_variance_output(output, variance_type: str):
     return jnp.split(output, 2, axis=-1)
 
 
-def p_mean_variance(output, x_t, log_snr_s, log_snr_t, parameterization: str,
-                    variance_type: str, clip_x0=None, *, log_snr_next=None, tables=None):
+def p_mean_variance(output, x_t, parameterization: str, variance_type: str, clip_x0=None, *,
+                    log_snr_s, log_snr_t, log_snr_next=None, tables=None):
     """Mean and log-variance of the reverse step p(x_s | x_t) for s < t.
 
     The mean is the posterior mean q(x_s | x_t, x0_hat) at the predicted x0
@@ -351,9 +351,9 @@ def p_mean_variance(output, x_t, log_snr_s, log_snr_t, parameterization: str,
         x0_hat = jnp.clip(x0_hat, *clip_x0)
     lam_s, lam_t = _bcast(log_snr_s, x_t), _bcast(log_snr_t, x_t)
     if tables is None:
-        mean, _, _ = q_posterior(x0_hat, x_t, lam_s, lam_t)
+        mean, _, _ = q_posterior(x0_hat, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
         nxt = None if log_snr_next is None else _bcast(log_snr_next, x_t)
-        log_min, log_max = reverse_log_variance_bounds(lam_s, lam_t, nxt)
+        log_min, log_max = reverse_log_variance_bounds(log_snr_s=lam_s, log_snr_t=lam_t, log_snr_next=nxt)
     else:
         mean = _bcast(tables.coef_x0, x_t) * x0_hat + _bcast(tables.coef_xt, x_t) * x_t
         log_min, log_max = _bcast(tables.log_var_min, x_t), _bcast(tables.log_var_max, x_t)

@@ -152,12 +152,13 @@ def _build(mixture, parameterization, schedule, log_snr_fn, variance_type, log_w
         # variance plus (its x_0 coefficient)^2 Var[x_0|x_t] (q_posterior, Kingma et al. eq. 31).
         lam_s, lam_t = jnp.reshape(log_snr_of(t - 1), (-1, 1)), jnp.reshape(lam, (-1, 1))
         alpha_s, _ = diffusion.alpha_sigma(lam_s)
-        _, post_var, _ = diffusion.q_posterior(x0, x_t, lam_s, lam_t)
+        _, post_var, _ = diffusion.q_posterior(x0, x_t, log_snr_s=lam_s, log_snr_t=lam_t)
         log_var = jnp.log(post_var + (alpha_s * -jnp.expm1(lam_t - lam_s)) ** 2 * x0_var)
         if variance_type == "learned":
             return jnp.concatenate([out, log_var], axis=-1)
         lam_next = jnp.reshape(log_snr_of(jnp.minimum(t + 1, schedule.T)), (-1, 1))
-        log_small, log_large = diffusion.reverse_log_variance_bounds(lam_s, lam_t, lam_next)
+        log_small, log_large = diffusion.reverse_log_variance_bounds(
+            log_snr_s=lam_s, log_snr_t=lam_t, log_snr_next=lam_next)
         width = log_large - log_small                      # 0 only for a one-step chain (T = 1)
         safe = jnp.where(width > 0, width, 1.0)
         v = jnp.where(width > 0, 2.0 * (log_var - log_small) / safe - 1.0, 0.0)

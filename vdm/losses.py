@@ -216,7 +216,7 @@ def _log_x0_error_factor(target: str, log_snr_t, sigma_data: float = diffusion.E
             "score": 2.0 * log_s2 - log_a2}[target]
 
 
-def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None, log_snr_next=None):
+def elbo_log_weight(*, log_snr_s, log_snr_t, log_variance=None, log_snr_next=None):
     """log of w in L_{s|t} = w ||x0 - x0_hat||^2, the KL between q(x_s | x_t, x0) and a
     reverse step with the same mean form at x0_hat and variance e^log_variance
     (mean part only; Ho et al. eq. 8; the SNR form is Kingma et al. 2021's discrete-time loss):
@@ -228,7 +228,8 @@ def elbo_log_weight(log_snr_s, log_snr_t, log_variance=None, log_snr_next=None):
     away from the data level.
     """
     if log_variance is None:
-        log_variance, _ = diffusion.reverse_log_variance_bounds(log_snr_s, log_snr_t, log_snr_next)
+        log_variance, _ = diffusion.reverse_log_variance_bounds(
+            log_snr_s=log_snr_s, log_snr_t=log_snr_t, log_snr_next=log_snr_next)
     return (jax.nn.log_sigmoid(log_snr_s) + 2.0 * _log1mexp(log_snr_t - log_snr_s)
             - math.log(2.0) - log_variance)
 
@@ -262,7 +263,7 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
       snr:            SNR_t (Kingma et al. 2021; SNR times x0-MSE = eps-MSE),
       truncated_snr:  max(SNR_t, 1) (Salimans & Ho 2022, §4),
       min_snr:        min(SNR_t, snr_gamma) (Hang et al. 2023),
-      elbo:           the KL weight of ``elbo_log_weight(log_snr_s, log_snr_t, log_variance)``;
+      elbo:           the KL weight of ``elbo_log_weight(log_snr_s=, log_snr_t=, log_variance=)``;
                       then num_dims * loss = L_{t-1} of ``vlb_term`` (t >= 2) up to a
                       model-independent constant, exactly for fixed_small; pass the model's
                       fixed log-variance (``discrete_loss`` does, from the schedule's tables;
@@ -289,7 +290,7 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
         "snr": lambda: lam,
         "truncated_snr": lambda: jnp.maximum(lam, 0.0),
         "min_snr": lambda: jnp.minimum(lam, math.log(snr_gamma)),
-        "elbo": lambda: elbo_log_weight(log_snr_s, lam, log_variance),
+        "elbo": lambda: elbo_log_weight(log_snr_s=log_snr_s, log_snr_t=lam, log_variance=log_variance),
     }[weighting]()
     return jnp.exp(log_w + _log_x0_error_factor(target, lam, sigma_data)) * per_example
 
@@ -335,8 +336,8 @@ def vlb_term(output, x0, x_t, t, schedule: schedules.DiscreteSchedule, parameter
         pred = jnp.concatenate([pred, var_out], axis=-1)
     lam_s, lam_t = schedule.log_snr[t - 1], schedule.log_snr[t]
     tables = schedules.reverse_step_tables(schedule, t)
-    mean_p, logvar_p, _ = diffusion.p_mean_variance(pred, x_t, lam_s, lam_t, parameterization,
-                                                    variance_type, tables=tables)
+    mean_p, logvar_p, _ = diffusion.p_mean_variance(pred, x_t, parameterization, variance_type,
+                                                    log_snr_s=lam_s, log_snr_t=lam_t, tables=tables)
     mean_q = diffusion._bcast(tables.coef_x0, x0) * x0 + diffusion._bcast(tables.coef_xt, x0) * x_t
     # log beta~_t for t >= 2; the t = 1 posterior is a point mass (no KL, the decoder instead).
     logvar_q = jnp.broadcast_to(diffusion._bcast(tables.log_var_min, x0), x0.shape)

@@ -263,19 +263,20 @@ class Denoiser:
 # ---------------------------------------------------------------------------
 
 
-def ancestral_step(den: Denoiser, x, t, log_snr_t, log_snr_s, noise):
+def ancestral_step(den: Denoiser, x, *, t, log_snr_t, log_snr_s, noise):
     """x_s ~ p(x_s | x_t) = N(mean, exp(log_var)) for s < t: Ho et al. 2020 Alg. 2 line 4 when
     s = t - 1, the respaced step of Nichol & Dhariwal 2021 §4 otherwise (both variance bounds and
     the learned_range interpolation recomputed for t -> s by ``p_mean_variance``). No noise is
     added into the data level (Alg. 2: z = 0 at t = 1). Returns (x_s, x0_hat)."""
     x0, _, var_out = den(x, t, log_snr_t)
     out = x0 if var_out is None else jnp.concatenate([x0, var_out], axis=-1)
-    mean, log_var, _ = diffusion.p_mean_variance(out, x, log_snr_s, log_snr_t, "x0", den.variance_type)
+    mean, log_var, _ = diffusion.p_mean_variance(out, x, "x0", den.variance_type, log_snr_s=log_snr_s,
+                                                 log_snr_t=log_snr_t)
     std = jnp.where(jnp.isinf(log_snr_s), 0.0, jnp.exp(0.5 * log_var))
     return mean + std * noise, x0
 
 
-def ddim_step(den: Denoiser, x, t, log_snr_t, log_snr_s, noise, eta: float = 0.0):
+def ddim_step(den: Denoiser, x, *, t, log_snr_t, log_snr_s, noise, eta: float = 0.0):
     """DDIM, Song et al. 2021 eq. 12: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat + s_eta z,
     with s_eta^2 = eta^2 Var q(x_s | x_t, x_0) (eq. 16). eta = 1 is the ancestral step with the
     fixed_small variance (same mean and variance); eta = 0 is deterministic and also runs upwards
@@ -285,7 +286,7 @@ def ddim_step(den: Denoiser, x, t, log_snr_t, log_snr_s, noise, eta: float = 0.0
     alpha_s, sigma_s = diffusion.alpha_sigma(log_snr_s)
     if eta == 0:
         return alpha_s * x0 + sigma_s * eps, x0
-    _, post_var, _ = diffusion.q_posterior(x0, x, log_snr_s, log_snr_t)
+    _, post_var, _ = diffusion.q_posterior(x0, x, log_snr_s=log_snr_s, log_snr_t=log_snr_t)
     r = jnp.exp(log_snr_t - log_snr_s)
     dir_var = sigma_s ** 2 * (r - (1.0 - eta ** 2) * jnp.expm1(log_snr_t - log_snr_s))
     return alpha_s * x0 + jnp.sqrt(dir_var) * eps + eta * jnp.sqrt(post_var) * noise, x0
@@ -329,7 +330,7 @@ def corrector_step(den: Denoiser, x, t, log_snr, alpha_step, snr: float, noise, 
     return x + e * g + jnp.sqrt(2.0 * e) * noise, x0
 
 
-def ode_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"):
+def ode_step(den: Denoiser, x, *, t, log_snr_t, s, log_snr_s, method: str = "euler"):
     """One step t -> s of the probability-flow ODE in y = x / alpha, sigma = sigma_ve = exp(-lambda/2):
 
       dy / dsigma = eps_hat(alpha y, sigma)
@@ -356,7 +357,7 @@ def ode_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"
     return alpha_s * y_s, x0
 
 
-def dpm_solver_step(den: Denoiser, x, t, log_snr_t, log_snr_s, history, order):
+def dpm_solver_step(den: Denoiser, x, *, t, log_snr_t, log_snr_s, history, order):
     """One step t -> s of multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", Alg. 2 and the
     official code's multistep_dpm_solver_{first,second,third}_update, data prediction), in the
     half log-SNR lambda = log(alpha / sigma), h = lambda_s - lambda_t, phi_1 = expm1(-h):
@@ -391,7 +392,7 @@ def dpm_solver_step(den: Denoiser, x, t, log_snr_t, log_snr_s, history, order):
     return x_s + jnp.where(order == 2, second, jnp.where(order == 3, third, 0.0)), x0
 
 
-def edm_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, noise, gamma, S_noise: float,
+def edm_step(den: Denoiser, x, *, t, log_snr_t, s, log_snr_s, noise, gamma, S_noise: float,
              time_of: Callable):
     """One step of Karras et al. 2022 Alg. 2 (lines 4-10) in y = x / alpha, sigma = exp(-lambda / 2):
 
@@ -408,10 +409,10 @@ def edm_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, noise, gamma, S_noise
     alpha_hat, _ = diffusion.alpha_sigma(lam_hat)
     extra_var = jnp.maximum(jnp.exp(-lam_hat) - jnp.exp(-log_snr_t), 0.0)
     y_hat = x / alpha_t + jnp.sqrt(extra_var) * S_noise * noise
-    return ode_step(den, alpha_hat * y_hat, t_hat, lam_hat, s, log_snr_s, "heun")
+    return ode_step(den, alpha_hat * y_hat, t=t_hat, log_snr_t=lam_hat, s=s, log_snr_s=log_snr_s, method="heun")
 
 
-def flow_step(den: Denoiser, x, t, log_snr_t, s, log_snr_s, method: str = "euler"):
+def flow_step(den: Denoiser, x, *, t, log_snr_t, s, log_snr_s, method: str = "euler"):
     """One step t -> s of the rectified-flow ODE d z / d tau = u(z, tau), u = E[eps - x_0 | z]
     (Liu et al. 2023; Lipman et al. 2023), in the flow state z = x / (alpha + sigma) and time
     tau = sigmoid(-lambda / 2), where z = (1 - tau) x_0 + tau eps (``vdm.diffusion.flow_scale``):
@@ -510,7 +511,8 @@ def ancestral(den: Denoiser, x_T, keys, grid: Grid, *, trajectory_every=None):
     _check_every(trajectory_every)
 
     def step(x, p):
-        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"]))
+        return ancestral_step(den, x, t=p["t"], log_snr_t=p["lam_t"], log_snr_s=p["lam_s"],
+                              noise=_normal(keys, x, p["i"]))
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 
@@ -522,7 +524,7 @@ def ddim(den: Denoiser, x_T, keys, grid: Grid, *, eta: float = 0.0, trajectory_e
 
     def step(x, p):
         noise = 0.0 if eta == 0 else _normal(keys, x, p["i"])
-        return ddim_step(den, x, p["t"], p["lam_t"], p["lam_s"], noise, eta)
+        return ddim_step(den, x, t=p["t"], log_snr_t=p["lam_t"], log_snr_s=p["lam_s"], noise=noise, eta=eta)
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 
@@ -585,7 +587,8 @@ def predictor_corrector(den: Denoiser, x_T, keys, grid: Grid, *, corrector_steps
 
         x, _ = lax.scan(inner, x, jnp.arange(corrector_steps))
         # The predictor's noise is stream 0 of fold_in(key, i); corrector step j uses stream j + 1.
-        return ancestral_step(den, x, p["t"], p["lam_t"], p["lam_s"], _normal(keys, x, p["i"], 0))
+        return ancestral_step(den, x, t=p["t"], log_snr_t=p["lam_t"], log_snr_s=p["lam_s"],
+                              noise=_normal(keys, x, p["i"], 0))
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 
@@ -599,7 +602,7 @@ def probability_flow(den: Denoiser, x_T, keys, grid: Grid, *, method: str = "heu
     _check_every(trajectory_every)
 
     def step(x, p):
-        return ode_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)
+        return ode_step(den, x, t=p["t"], log_snr_t=p["lam_t"], s=p["s"], log_snr_s=p["lam_s"], method=method)
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 
@@ -617,7 +620,8 @@ def encode(den: Denoiser, x0, grid: Grid, *, method: str = "euler"):
     _, eps, _ = den(alpha_1 * x0, times[0], lam[0])
     x = alpha_1 * x0 + sigma_1 * eps
     up = dict(t=times[:-1], s=times[1:], lam_t=lam[:-1], lam_s=lam[1:])
-    x, _ = lax.scan(lambda x, p: (ode_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)[0], None),
+    x, _ = lax.scan(lambda x, p: (ode_step(den, x, t=p["t"], log_snr_t=p["lam_t"], s=p["s"],
+                                                  log_snr_s=p["lam_s"], method=method)[0], None),
                     x, up)
     return x
 
@@ -649,7 +653,8 @@ def dpm_solver(den: Denoiser, x_T, keys, grid: Grid, *, order: int = 2, trajecto
     def step(carry, p):
         x, (m1, m2) = carry
         history = ((m1, p["lam_1"]), (m2, p["lam_2"]))
-        x_s, x0 = dpm_solver_step(den, x, p["t"], p["lam_t"], p["lam_s"], history, p["order"])
+        x_s, x0 = dpm_solver_step(den, x, t=p["t"], log_snr_t=p["lam_t"], log_snr_s=p["lam_s"],
+                                    history=history, order=p["order"])
         return (x_s, (x0, m1)), x0
 
     zeros = jnp.zeros_like(x_T)
@@ -673,8 +678,8 @@ def edm_sampler(den: Denoiser, x_T, keys, grid: Grid, *, time_of: Callable, S_ch
     def step(x, p):
         sigma_t = jnp.exp(-0.5 * p["lam_t"])
         gamma = jnp.where((sigma_t >= S_tmin) & (sigma_t <= S_tmax), gamma_max, 0.0)
-        return edm_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], _normal(keys, x, p["i"]),
-                        gamma, S_noise, time_of)
+        return edm_step(den, x, t=p["t"], log_snr_t=p["lam_t"], s=p["s"], log_snr_s=p["lam_s"],
+                        noise=_normal(keys, x, p["i"]), gamma=gamma, S_noise=S_noise, time_of=time_of)
 
     return _drive(step, x_T, plan, grid, trajectory_every)
 
@@ -687,7 +692,7 @@ def flow_sampler(den: Denoiser, x_T, keys, grid: Grid, *, method: str = "euler",
     _check_every(trajectory_every)
 
     def step(x, p):
-        return flow_step(den, x, p["t"], p["lam_t"], p["s"], p["lam_s"], method)
+        return flow_step(den, x, t=p["t"], log_snr_t=p["lam_t"], s=p["s"], log_snr_s=p["lam_s"], method=method)
 
     return _drive(step, x_T, _plan(grid), grid, trajectory_every)
 
