@@ -161,21 +161,12 @@ def draw_samples(setup, config, params, key, shape, images, sampler: str, num_st
     """Samples of ``shape`` [n, ...] from the model, and the number of steps taken."""
     import numpy as np
 
-    from vdm import build, diffusion, samplers
+    from vdm import build
 
-    d, process = config.diffusion, setup.process
-    steps = num_steps or config.get("sample", {}).get("num_steps", 0) or None
-    if steps is None and not process.discrete:
-        raise app.UsageError("--sampling_steps is required for a continuous-time model")
-    options = sampler_options(config, sampler)
-    model_fn = build.make_model_fn(setup.network, process, d.time_input, params)
-    x = samplers.sample(model_fn, key, shape, sampler=sampler, schedule=process.schedule,
-                        log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
-                        num_steps=steps, parameterization=d.parameterization, variance_type=d.variance,
-                        clip_x0=(-1.0, 1.0) if images else None,
-                        sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
-                        spacing=_SPACING.value or config.sample.spacing, **options)
-    return np.asarray(x), steps or process.T
+    steps = num_steps or build.sampling_steps(config.sample, config.diffusion)
+    x = setup.sample(params, key, num_samples=shape[0], sampler=sampler, num_steps=steps,
+                     spacing=_SPACING.value, options=sampler_options(config, sampler), clip_x0=images)
+    return np.asarray(x), steps
 
 
 def sampler_options(config, sampler: str) -> dict:

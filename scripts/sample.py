@@ -31,10 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ 
 _CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
 _STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to load (-1: the latest).")
 _RAW = flags.DEFINE_bool("raw_params", False, "Use the raw parameters instead of the EMA ones.")
-_SAMPLER = flags.DEFINE_string("sampler", "ancestral", "One of vdm.samplers.SAMPLERS.")
+_SAMPLER = flags.DEFINE_string("sampler", None, "One of vdm.samplers.SAMPLERS (default: the config's sample.sampler).")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 0, "Sampling steps (0: all T steps; required in "
                                   "continuous time unless the config's sample.num_steps is set).")
-_SPACING = flags.DEFINE_string("spacing", "linspace", "Time spacing of a reduced grid.")
+_SPACING = flags.DEFINE_string("spacing", None, "Time spacing of a reduced grid (default: the config's sample.spacing).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (sampler=ddim).")
 _OPTIONS = flags.DEFINE_multi_string("option", [], "Other sampler options as key=value, e.g. method=heun, "
                                      "corrector_steps=2, snr=0.16, steps_per_level=50.")
@@ -64,7 +64,7 @@ def main(argv):
     import jax
     import numpy as np
 
-    from vdm import build, checkpoints, data, samplers, viz
+    from vdm import build, checkpoints, data, viz
 
     workdir = _WORKDIR.value
     with cli.usage_errors():
@@ -77,28 +77,19 @@ def main(argv):
     setup = build.build_setup(config, dataset)
     with cli.usage_errors():
         params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
-    process, d = setup.process, config.diffusion
     images = len(dataset.data_shape) == 3
 
-    num_steps = _NUM_STEPS.value or config.get("sample", {}).get("num_steps", 0) or None
-    if num_steps is None and not process.discrete:
-        raise app.UsageError("--num_steps is required for a continuous-time model")
-    steps = num_steps or process.T
+    sampler = _SAMPLER.value or config.sample.sampler
+    steps = _NUM_STEPS.value or build.sampling_steps(config.sample, config.diffusion)
     every = max(1, math.ceil(steps / _FRAMES.value))
     clip = images if _CLIP.value is None else _CLIP.value
-
-    model_fn = build.make_model_fn(setup.network, process, d.time_input, params)
-
-    samples, traj = samplers.sample(
-        model_fn, jax.random.PRNGKey(_SEED.value), (_NUM.value,) + tuple(dataset.data_shape),
-        sampler=_SAMPLER.value, schedule=process.schedule,
-        log_snr_fn=None if process.discrete else (lambda t: process.log_snr(params, t)),
-        num_steps=num_steps, spacing=_SPACING.value, parameterization=d.parameterization,
-        variance_type=d.variance, clip_x0=(-1.0, 1.0) if clip else None, trajectory_every=every,
-        **options)
+    with cli.usage_errors():
+        samples, traj = setup.sample(params, jax.random.PRNGKey(_SEED.value), num_samples=_NUM.value,
+                                     sampler=sampler, num_steps=steps, spacing=_SPACING.value,
+                                     options=options or None, clip_x0=clip, trajectory_every=every)
     samples, traj = np.asarray(samples), jax.tree.map(np.asarray, traj)
 
-    out = _OUT.value or os.path.join(workdir, "samples", f"{_SAMPLER.value}_{steps}steps_seed{_SEED.value}")
+    out = _OUT.value or os.path.join(workdir, "samples", f"{sampler}_{steps}steps_seed{_SEED.value}")
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, "samples.npz")]
     np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,
@@ -111,7 +102,7 @@ def main(argv):
                                               max_frames=_FRAMES.value, scale=scale))
     elif samples.shape[-1] == 1:
         written.append(viz.plot_1d_samples(os.path.join(out, "hist.png"), samples, dataset.log_prob,
-                                           title=f"{_SAMPLER.value}, {steps} steps"))
+                                           title=f"{sampler}, {steps} steps"))
         done = np.minimum(np.arange(1, len(traj.x) + 1) * every, steps)  # steps taken at each record
         written.append(viz.plot_trajectories(os.path.join(out, "trajectories.png"), traj.x, steps=done))
     elif samples.ndim > 2 or samples.shape[-1] > 2:
@@ -123,8 +114,8 @@ def main(argv):
         reference = ref_ds.get_batch(0)["x"].reshape((-1,) + tuple(dataset.data_shape))
         written.append(viz.plot_2d_samples(os.path.join(out, "scatter.png"), samples, data=reference,
                                            log_prob_fn=dataset.log_prob,
-                                           title=f"{_SAMPLER.value}, {steps} steps"))
-    print(f"checkpoint step {step}; {len(samples)} samples with {_SAMPLER.value}, {steps} steps")
+                                           title=f"{sampler}, {steps} steps"))
+    print(f"checkpoint step {step}; {len(samples)} samples with {sampler}, {steps} steps")
     for path in written:
         print(f"  wrote {path}")
 

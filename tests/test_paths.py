@@ -267,7 +267,7 @@ def test_edm_without_churn_is_the_heun_ode_sampler():
 
 def test_edm_churn_rounds_to_model_levels_and_matches_the_mixture(reference):
     """S_churn > 0 raises the level to the nearest table entry of a discrete model; samples match."""
-    time_of = samplers._time_of(("discrete", tuple(np.asarray(LINEAR.log_snr).tolist())))
+    time_of = samplers.nearest_level_fn(("discrete", tuple(np.asarray(LINEAR.log_snr).tolist())))
     for w, want in ((0.7, 500), (0.3, 501)):
         t, lam = time_of(w * LINEAR.log_snr[500] + (1 - w) * LINEAR.log_snr[501])
         assert int(t) == want and float(lam) == float(LINEAR.log_snr[want])

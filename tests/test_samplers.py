@@ -234,7 +234,7 @@ SAMPLER_CALLS = {
     "ode": lambda den, x, k, g: samplers.probability_flow(den, x, k, g, method="heun"),
     "encode": lambda den, x, k, g: (samplers.encode(den, x, g, method="heun"), None),
     "dpm_solver": lambda den, x, k, g: samplers.dpm_solver(den, x, k, g, order=3),
-    "edm": lambda den, x, k, g: samplers.edm_sampler(den, x, k, g, S_churn=10.0, time_of=samplers._time_of(
+    "edm": lambda den, x, k, g: samplers.edm_sampler(den, x, k, g, S_churn=10.0, time_of=samplers.nearest_level_fn(
         ("discrete", tuple(np.asarray(SCHEDULE.log_snr).tolist())))),
     "flow": lambda den, x, k, g: samplers.flow_sampler(den, x, k, g, method="heun"),
 }

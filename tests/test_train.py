@@ -419,7 +419,7 @@ def test_train_time_sampler_compiles_once_for_new_params():
     p1 = jax.device_get(setup.init_params(jax.random.PRNGKey(0)))
     p2 = jax.device_get(setup.init_params(jax.random.PRNGKey(1)))
     a = np.asarray(setup.sample(p1, jax.random.PRNGKey(2)))
-    size = samplers._run_jit._cache_size()
+    size = samplers.front._run_jit._cache_size()
     b = np.asarray(setup.sample(p2, jax.random.PRNGKey(2)))
-    assert samplers._run_jit._cache_size() == size
+    assert samplers.front._run_jit._cache_size() == size
     assert a.shape == (4, 2) and not np.allclose(a, b)  # the new parameters were used

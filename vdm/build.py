@@ -288,28 +288,37 @@ def sampling_steps(sample_cfg: ml_collections.ConfigDict, diffusion_cfg: ml_coll
 
 
 def build_sampler(config: ml_collections.ConfigDict, network, process: Process, data_shape) -> Callable:
-    """``sample(params, key) -> config.sample.num_samples`` samples with ``vdm.samplers.sample``;
-    x0 predictions are clipped to [-1, 1] for image data when ``sample.clip_x0``.
+    """The one way a trained model is sampled: ``sample(params, key, **overrides)`` runs
+    ``vdm.samplers.sample`` with the config's ``sample`` settings, where an override that is not
+    None replaces one: ``num_samples``, ``sampler``, ``num_steps``, ``spacing``, ``options`` (the
+    sampler's own; by default ``sample.options`` when the sampler is the config's, else none) and
+    ``clip_x0`` (by default x0 predictions are clipped to [-1, 1] for image data when
+    ``sample.clip_x0``). Other keywords (``trajectory_every``, ``labels``, ...) go to
+    ``samplers.sample`` as they are.
 
     The parameters are a traced argument of one compiled sampler (``samplers.sample(...,
     params=...)``), so evaluations during training reuse a single compile; only the grid of
     a learned schedule is recomputed on the host from the given parameters.
     """
     s, d = config.sample, config.diffusion
-    clip = bool(s.clip_x0 and len(data_shape) == 3)
+    images = len(data_shape) == 3
 
     def model(params, x_t, t):
         return make_model_fn(network, process, d.time_input, params)(x_t, t)
 
-    def sample(params, key):
+    def sample(params, key, *, num_samples=None, sampler=None, num_steps=None, spacing=None, options=None,
+               clip_x0=None, **extra):
+        sampler = sampler or s.sampler
+        if options is None:
+            options = dict(s.get("options", {})) if sampler == s.sampler else {}
         levels = (dict(schedule=process.schedule) if process.discrete
                   else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
-        return samplers.sample(model, key, (s.num_samples,) + tuple(data_shape), sampler=s.sampler,
-                               num_steps=sampling_steps(s, d), spacing=s.spacing,
+        return samplers.sample(model, key, (num_samples or s.num_samples,) + tuple(data_shape), sampler=sampler,
+                               num_steps=num_steps or sampling_steps(s, d), spacing=spacing or s.spacing,
                                parameterization=d.parameterization, variance_type=d.variance,
-                               clip_x0=clip, params=params,
-                               sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
-                               **dict(s.get("options", {})), **levels)
+                               clip_x0=bool(s.clip_x0 and images) if clip_x0 is None else clip_x0,
+                               params=params, sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
+                               **options, **levels, **extra)
 
     return sample
 
@@ -321,7 +330,7 @@ class Setup(NamedTuple):
     network: Any
     objective: Objective
     init_params: Callable     # key -> params {"net": ..., ("schedule": ...)}
-    sample: Callable          # (params, key) -> samples [n, *data_shape]
+    sample: Callable          # (params, key, **overrides) -> samples [n, *data_shape] (build_sampler)
 
 
 def build_setup(config: ml_collections.ConfigDict, dataset) -> Setup:
