@@ -7,7 +7,7 @@ the reverse mean (eps form) and variance (learned_range) both learned, loss =
 the full variational bound (Ho et al. eq. 3) with timesteps importance-sampled
 from the loss history (Nichol & Dhariwal §3.3), Gaussian decoder. The network
 is the 128x3 toy MLP: the seed's two 4-unit networks (preset
-``seed002_mean_var_nets``) are too small to get the bound within 0.05 nats.
+``mean_var_mlp4``) are too small to get the bound within 0.05 nats.
 Expected (docs/results.md): about 1-2 minutes on a 2-core CPU; -ELBO within
 0.05 nats of the exact NLL, 2/3 of the samples on the right-hand mode.
 """

@@ -15,7 +15,7 @@ from vdm.models import presets
 def get_config():
     c = config_lib.defaults()
     c.data.update(dict(source="toy", name="swissroll", num_test=5000))
-    c.model = presets.seed003_per_step_heads()
+    c.model = presets.step_heads_mlp128()
     c.diffusion.update(dict(schedule="sigmoid", T=40, variance="learned", parameterization="eps"))
     c.loss.update(dict(name="vlb", decoder="gaussian"))
     c.optim.update(dict(lr=2e-3, warmup_steps=100, grad_clip=1.0))

@@ -20,8 +20,8 @@ SMALL = {
     "vdm_cifar10": (dict(ch=16, num_blocks=2, num_groups=8, attention=True), (8, 8, 3)),
     "digits_unet": (dict(ch=16), (8, 8, 1)),
     "toy_mlp": (dict(hidden=16), (2,)),
-    "seed003_per_step_heads": (dict(hidden=16), (2,)),
-    "seed002_mean_var_nets": ({}, (1,)),
+    "step_heads_mlp128": (dict(hidden=16), (2,)),
+    "mean_var_mlp4": ({}, (1,)),
 }
 
 
@@ -34,7 +34,7 @@ def small_preset(name):
 
 def inputs(data_shape, name="", batch=4):
     x = jax.random.normal(jax.random.PRNGKey(1), (batch,) + data_shape)
-    if name == "seed003_per_step_heads":
+    if name == "step_heads_mlp128":
         return x, jnp.array([1, 2, 39, 40])[:batch]
     return x, jax.random.uniform(jax.random.PRNGKey(2), (batch,))
 
@@ -73,27 +73,27 @@ def test_preset_output_shape(name):
     """Output has x's shape, twice the channels with a learned variance (traced, not compiled)."""
     config, data_shape = small_preset(name)
     x, t = inputs(data_shape, name)
-    for learned in ((True,) if name == "seed002_mean_var_nets" else (False, True)):
+    for learned in ((True,) if name == "mean_var_mlp4" else (False, True)):
         model = build_model(config, data_shape, learned_variance=learned)
         out = jax.eval_shape(lambda: model.apply(model.init(KEY, x, t), x, t))
         assert out.shape == x.shape[:-1] + (x.shape[-1] * (2 if learned else 1),) and out.dtype == jnp.float32
 
 
 # One preset per network class (the other UNet presets differ in widths and levels only).
-@pytest.mark.parametrize("name", ["digits_unet", "vdm_cifar10", "toy_mlp", "seed003_per_step_heads",
-                                  "seed002_mean_var_nets"])
+@pytest.mark.parametrize("name", ["digits_unet", "vdm_cifar10", "toy_mlp", "step_heads_mlp128",
+                                  "mean_var_mlp4"])
 def test_preset_conditions_on_its_own_example_and_time(name):
     """A real forward pass (random parameters): example i's output depends on x_i and t_i only.
     Changing example 0's input or time changes its output and leaves the others' unchanged
     (no mixing across the batch, e.g. through a norm over the batch axis)."""
     config, data_shape = small_preset(name)
-    model = build_model(config, data_shape, learned_variance=name == "seed002_mean_var_nets")
+    model = build_model(config, data_shape, learned_variance=name == "mean_var_mlp4")
     x, t = inputs(data_shape, name)
     params = random_params(model, x, t)
     apply = jax.jit(lambda x, t: model.apply(params, x, t))
     out = np.asarray(apply(x, t))
     x2 = x.at[0].multiply(-0.5)
-    t2 = t.at[0].set(t[3] if name == "seed003_per_step_heads" else 0.9 - t[0])
+    t2 = t.at[0].set(t[3] if name == "step_heads_mlp128" else 0.9 - t[0])
     for changed in (np.asarray(apply(x2, t)), np.asarray(apply(x, t2))):
         assert np.all(np.isfinite(changed))
         assert np.abs(changed[0] - out[0]).max() > 1e-4
@@ -241,8 +241,8 @@ def test_mlp_conditioning_on_t_and_label():
 
 def test_per_step_heads_use_head_t_minus_1():
     """Changing head k's weights changes exactly the outputs of the examples with t = k + 1."""
-    model = build_model(presets.seed003_per_step_heads(), (2,), learned_variance=True)
-    x, t = inputs((2,), "seed003_per_step_heads")  # t = 1, 2, 39, 40
+    model = build_model(presets.step_heads_mlp128(), (2,), learned_variance=True)
+    x, t = inputs((2,), "step_heads_mlp128")  # t = 1, 2, 39, 40
     params = random_params(model, x, t)
     apply = jax.jit(model.apply)
     bumped = jax.tree_util.tree_map_with_path(
@@ -254,7 +254,7 @@ def test_per_step_heads_use_head_t_minus_1():
 
 
 def test_mean_var_nets_are_separate():
-    model = build_model(presets.seed002_mean_var_nets(), (1,), learned_variance=True)
+    model = build_model(presets.mean_var_mlp4(), (1,), learned_variance=True)
     x, t = inputs((1,))
     params = jax.jit(model.init)(KEY, x, t)
     apply = jax.jit(model.apply)
@@ -360,8 +360,8 @@ BAD = [
     (_unet(name="resnet"), (32, 32, 3), {}, "model.name"),
     (_with(presets.vdm_cifar10, num_groups=12), (32, 32, 3), {}, "model.num_groups"),
     (presets.toy_mlp(), (8, 8, 1), {}, "model.name"),
-    (presets.seed002_mean_var_nets(), (1,), {"learned_variance": False}, "learned variance"),
-    (presets.seed003_per_step_heads(), (2,), {"num_classes": 10}, "model.num_classes"),
+    (presets.mean_var_mlp4(), (1,), {"learned_variance": False}, "learned variance"),
+    (presets.step_heads_mlp128(), (2,), {"num_classes": 10}, "model.num_classes"),
 ]
 
 

@@ -70,15 +70,17 @@ def toy_mlp():
     return _section(name="mlp", hidden=128, depth=3, embed_dim=32, dtype="float32")
 
 
-def seed003_per_step_heads():
-    """Seed 003's Swiss-roll network: 128-unit ReLU trunk, one head per step, T = 40."""
+def step_heads_mlp128():
+    """A 128-unit ReLU trunk with one output head per step, T = 40: seed 003's Swiss-roll network
+    (formerly ``seed003_per_step_heads``)."""
     return _section(name="per_step_heads", num_steps=40, hidden=128, dtype="float32")
 
 
-def seed002_mean_var_nets():
-    """Seed 002's 1-D networks: separate mean and variance nets with one hidden layer of 4 ReLUs."""
+def mean_var_mlp4():
+    """Separate mean and variance nets with one hidden layer of 4 ReLUs: seed 002's 1-D networks
+    (formerly ``seed002_mean_var_nets``)."""
     return _section(name="mean_var_nets", hidden=4, dtype="float32")
 
 
 PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_unet128, lucidrains_unet64, vdm_cifar10, digits_unet, toy_mlp,
-                                   seed003_per_step_heads, seed002_mean_var_nets)}
+                                   step_heads_mlp128, mean_var_mlp4)}
