@@ -2,7 +2,8 @@
 
     build_model(model_config, data_shape, learned_variance=False, num_classes=0) -> nn.Module
 
-``model_config``: a ConfigDict (or dict) with ``name`` in ``NETWORKS`` and any
+``model_config``: a ConfigDict (or dict) with ``name`` in ``NETWORKS`` (each network class
+is registered there by ``registry.register`` on its definition) and any
 of that network's fields (missing ones take the class defaults; presets.py
 gives complete sections). ``data_shape``: one example's shape, (H, W, C) for
 the image networks, (D,) for the toy ones. ``learned_variance`` (the output
@@ -36,13 +37,11 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vdm.models.registry import NETWORKS
 from vdm.models.schedule_net import LearnedLogSNR
-from vdm.models.toy import MLP, MeanVarNets, PerStepHeads
+from vdm.models.toy import MLP, MeanVarNets, PerStepHeads  # importing a network module registers it
 from vdm.models.unet import UNet
 from vdm.models.vdm_net import VDMNet
-
-NETWORKS = {"unet": UNet, "vdm": VDMNet, "mlp": MLP, "per_step_heads": PerStepHeads,
-            "mean_var_nets": MeanVarNets}
 _SET_BY_BUILD = ("learned_variance", "num_classes")
 
 

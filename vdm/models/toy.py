@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdm.models import layers
+from vdm.models import layers, registry
 
 
+@registry.register("mlp")
 class MLP(nn.Module):
     """``__call__(x [B, D], t [B], cond [B] int or None, train) -> [B, D or 2D]``.
 
@@ -55,6 +56,7 @@ class MLP(nn.Module):
         return out.astype(jnp.float32)
 
 
+@registry.register("per_step_heads")
 class PerStepHeads(nn.Module):
     """Seed 003 (Swiss roll, T = 40): trunk Dense-ReLU-Dense-ReLU, then head t-1 = Dense-ReLU-Dense.
 
@@ -99,6 +101,7 @@ class PerStepHeads(nn.Module):
         return jnp.einsum("bi,bio->bo", h, kernel[head].astype(self.dtype)) + bias[head].astype(self.dtype)
 
 
+@registry.register("mean_var_nets")
 class MeanVarNets(nn.Module):
     """Seed 002 (1-D mixture, T = 250): mean net and variance net, each Dense(hidden)-ReLU-Dense(D).
 

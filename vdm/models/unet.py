@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdm.models import layers
+from vdm.models import layers, registry
 
 
+@registry.register("unet")
 class UNet(nn.Module):
     """``__call__(x [B, H, W, C], t [B], cond [B] int or None, train) -> [B, H, W, C or 2C]``.
 
