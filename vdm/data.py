@@ -197,10 +197,11 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def fit_image(image: Image.Image, size: int) -> Image.Image:
     """Scales the shorter side to `size` (bicubic, antialiased) and crops the centre square."""
     w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    if (w, h) == (size, size):
+        return image
+    scale = size / min(w, h)
+    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -256,7 +257,7 @@ BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombErr
 def _decode(path, mode: str) -> Image.Image:
     with Image.open(path) as image:
         image.load()
-        return image.convert(mode)
+        return image if image.mode == mode else image.convert(mode)
 
 
 def _read_error(path, mode: str) -> Optional[str]:
