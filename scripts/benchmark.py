@@ -22,6 +22,11 @@ Usage (CPU here, unchanged on a GPU):
 
     python scripts/benchmark.py --json benchmark.json
     python scripts/benchmark.py --dtype bfloat16 --train-batch 128 --json gpu.json  # on a GPU
+    python scripts/benchmark.py --only input,overlap --json input.json  # the data loader
+
+``input`` times ``Dataset.get_batch`` per source at 1, 2 and 4 decoding threads;
+``overlap`` runs the real training loop with a fake 50 ms step on a 128 px JPEG folder,
+with and without prefetching, beside the step alone.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ import jax.extend.core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-SECTIONS = ("limits", "train", "sample", "elbo")
+SECTIONS = ("limits", "train", "sample", "elbo", "input", "overlap")
 DTYPES = ("float32", "bfloat16")
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, keyed by
@@ -433,6 +438,199 @@ def bench_elbo(ub: UNetBench, batch: int, chunk: int) -> Pending:
 
 
 # ---------------------------------------------------------------------------
+# The input pipeline, and its overlap with the train step.
+# ---------------------------------------------------------------------------
+
+
+def make_jpeg_folder(root: str, count: int = 256, size: int = 128) -> str:
+    """``count`` photo-like ``size`` x ``size`` JPEGs (quality 95) in ``root``: smooth colour
+    fields upsampled (bicubic) from an 8x coarser random grid plus pixel noise of s.d. 20 levels,
+    so they decode like photographs rather than like flat or pure-noise images."""
+    from PIL import Image
+
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = np.clip(rng.normal(size=(size // 8, size // 8, 3)) * 60 + 128, 0, 255).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC), np.float32)
+        image = np.clip(smooth + rng.normal(0, 20, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(os.path.join(root, f"{i:05d}.jpg"), quality=95)
+    return root
+
+
+def input_sources(jpeg_folder: str) -> dict:
+    """name -> (data config fields, global batch, context the source needs): the digits, a TFDS
+    mock with CelebA's real image shape (218x178x3, fitted to 64), the JPEG folder at 128 px."""
+    import contextlib
+
+    import tensorflow_datasets as tfds
+
+    return {
+        "digits 8x8": (dict(source="digits", random_flip=True), 128, contextlib.nullcontext),
+        "tfds celeb_a mock 218x178 -> 64": (dict(source="tfds", name="celeb_a", image_size=64, random_flip=True),
+                                            32, lambda: tfds.testing.mock_data(num_examples=1024)),
+        "jpeg folder 128 px": (dict(source="folder", path=jpeg_folder, image_size=128, random_flip=True,
+                                    num_test=16), 32, contextlib.nullcontext),
+    }
+
+
+def build_input(fields: dict, batch: int, workers: int):
+    from vdm import data
+
+    cfg = data.default_config()
+    cfg.update({**fields, "workers": workers})
+    return data.build_dataset(cfg, split="train", global_batch_size=batch, seed=0, process_index=0,
+                              process_count=1, local_device_count=1)
+
+
+def bench_input(jpeg_folder: str, workers: Sequence[int], batches: int, repeats: int) -> dict:
+    """Images/s of ``Dataset.get_batch`` per source and number of decoding threads
+    (``data.workers``). A timed call makes ``batches`` consecutive batches; the worker counts of
+    a source are timed in interleaved rounds after one warm-up batch each (threads started, files
+    in the page cache), and the speed-up over one worker is taken round by round."""
+    results = {}
+    for name, (fields, batch, context) in input_sources(jpeg_folder).items():
+        print(f"  input: {name} ...", file=sys.stderr, flush=True)
+        with context():
+            sets = {w: build_input(fields, batch, w) for w in workers}
+            for ds in sets.values():
+                ds.get_batch(0)
+            times: dict = {w: [] for w in workers}
+            for r in range(repeats):
+                for w, ds in sets.items():
+                    start = time.perf_counter()
+                    for step in range(1 + r * batches, 1 + (r + 1) * batches):
+                        ds.get_batch(step)
+                    times[w].append(time.perf_counter() - start)
+            for ds in sets.values():
+                ds.close()
+        out = {"batch": batch, "batches_per_call": batches, "workers": {}}
+        for w in workers:
+            r = {"seconds": summary(times[w])}
+            out["workers"][w] = {**r, "images_per_s": rate(r, batch * batches),
+                                 "speedup": summary([a / b for a, b in zip(times[workers[0]], times[w])])}
+        results[name] = out
+    return results
+
+
+def fake_p_train(step_seconds: float) -> Callable:
+    """A stand-in for ``vdm.train.make_p_train`` (guarded signature): every step reads the mean
+    of its batch and waits ``step_seconds`` in a host callback, i.e. a device busy for that long
+    that leaves the host's CPUs free, as an accelerator does."""
+    def wait(x):
+        time.sleep(step_seconds)
+        return x
+
+    def one_step(state, batch):
+        loss = jax.pure_callback(wait, jax.ShapeDtypeStruct((), jnp.float32), jnp.mean(batch["x"]))
+        return state.replace(step=state.step + 1), {"loss": loss, "grad_norm": jnp.zeros((), jnp.float32)}
+
+    def make(objective, optimizer, optim, guard=False):
+        def multi_step(state, batches, bad):
+            state, metrics = jax.lax.scan(one_step, state, batches)
+            return state, metrics, bad
+        return jax.pmap(multi_step, axis_name="batch")
+    return make
+
+
+def overlap_config(jpeg_folder: str, batch: int, steps: int):
+    """configs/image_folder.py (128 px, flips) with a tiny UNet (only its init and the final
+    evaluation run: the step is ``fake_p_train``), logging every 10 steps."""
+    import importlib.util
+
+    from vdm import config as config_lib
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "image_folder.py")
+    spec = importlib.util.spec_from_file_location("image_folder_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.data.path = jpeg_folder
+    # 3 down-samplings: the middle block's attention runs at 16x16, not 128x128
+    c.model.update(dict(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), num_groups=4))
+    c.diffusion.T = 50
+    c.optim.accum_steps = 1
+    c.train.update(dict(batch_size=batch, num_steps=steps, log_every=10, checkpoint_every=steps))
+    c.eval.update(dict(every=steps, batch_size=16, num_batches=1, elbo_samples=2))
+    c.sample.update(dict(num_samples=0, num_steps=5))
+    config_lib.validate(c)
+    return c
+
+
+def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int, workers: int) -> dict:
+    """Seconds per step of the real loop (``vdm.train.train_and_evaluate``) on the JPEG folder with
+    ``fake_p_train`` as its step, with the batches prefetched (train.prefetch = 2) and made
+    synchronously (0), beside the fake step alone (back to back on one placed batch) and the
+    loader alone. Loop figures: the logged steps/s of every 10-step interval after the first."""
+    import tempfile
+
+    import flax
+
+    from vdm import train as train_lib
+
+    make = fake_p_train(step_seconds)
+    p_train = make(None, None, None)
+    ds = build_input(input_sources(jpeg_folder)["jpeg folder 128 px"][0], batch, workers)
+    batches = train_lib.batch_placement()(train_lib._stack_steps([ds.get_batch(0)]))
+    state = flax.jax_utils.replicate(train_lib.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
+                                                         rng=jnp.zeros(2, jnp.uint32), loss_state={}))
+    bad = flax.jax_utils.replicate(np.int32(-1))
+    jax.block_until_ready(p_train(state, batches, bad))
+    alone, load = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(10):
+            out = p_train(state, batches, bad)
+        jax.block_until_ready(out)
+        alone.append((time.perf_counter() - start) / 10)
+        start = time.perf_counter()
+        for step in range(10):
+            ds.get_batch(step)
+        load.append((time.perf_counter() - start) / 10)
+    ds.close()
+    result = {"step_seconds_alone": summary(alone), "load_seconds_per_batch": summary(load), "batch": batch,
+              "workers": workers, "steps": steps, "fake_step_seconds": step_seconds}
+    original = train_lib.make_p_train
+    train_lib.make_p_train = make
+    try:
+        for prefetch in (2, 0):
+            config = overlap_config(jpeg_folder, batch, steps)
+            config.train.prefetch, config.data.workers = prefetch, workers
+            with tempfile.TemporaryDirectory() as workdir:
+                train_lib.train_and_evaluate(config, workdir)
+                with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                    rates = [json.loads(line)["steps_per_sec"] for line in f if "steps_per_sec" in line]
+            per_step = summary([1.0 / r for r in rates[1:]])
+            result[f"loop_prefetch_{prefetch}"] = {"seconds_per_step": per_step,
+                                                   "over_step_alone": ratio(per_step, result["step_seconds_alone"])}
+    finally:
+        train_lib.make_p_train = original
+    return result
+
+
+def input_rows(inputs: dict | None, overlap: dict | None) -> list[dict]:
+    rows = []
+    for name, r in (inputs or {}).items():
+        for w, x in r["workers"].items():
+            rows.append(row(f"input {name}, batch {r['batch']}, {w} worker(s)", fmt(x["images_per_s"], 0), "images/s"))
+            if w != min(r["workers"]):
+                rows.append(row(f"input {name}, {w} workers / {min(r['workers'])}", fmt(x["speedup"], 2), "ratio"))
+    if overlap:
+        o = overlap
+        rows.append(row(f"overlap: fake step alone ({o['fake_step_seconds'] * 1e3:.0f} ms asked)",
+                        fmt(o["step_seconds_alone"], 4), "s"))
+        rows.append(row(f"overlap: jpeg 128 px loader alone, batch {o['batch']}, {o['workers']} worker(s)",
+                        fmt(o["load_seconds_per_batch"], 4), "s/batch"))
+        for prefetch in (2, 0):
+            loop = o[f"loop_prefetch_{prefetch}"]
+            rows.append(row(f"overlap: real loop, train.prefetch={prefetch}", fmt(loop["seconds_per_step"], 4),
+                            "s/step"))
+            rows.append(row(f"overlap: real loop, train.prefetch={prefetch} / step alone",
+                            fmt(loop["over_step_alone"], 3), "ratio"))
+    return rows
+
+
+# ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
 
@@ -531,6 +729,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--elbo-batch", type=int, default=1, help="images per exact-ELBO call")
     p.add_argument("--elbo-chunk", type=int, default=32, help="timesteps per network call in the ELBO")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul (default 2048 CPU, 8192 GPU)")
+    p.add_argument("--input-workers", default="1,2,4", help="decoding threads (data.workers) to time")
+    p.add_argument("--input-batches", type=int, default=8, help="batches per timed input call")
+    p.add_argument("--jpeg-folder", default="",
+                   help="JPEG folder of the input/overlap sections (default: 256 photo-like 128x128 "
+                        "JPEGs made in a temporary folder)")
+    p.add_argument("--overlap-step-ms", type=float, default=50.0, help="the fake step's duration")
+    p.add_argument("--overlap-steps", type=int, default=80, help="steps of each overlap loop run")
+    p.add_argument("--overlap-workers", type=int, default=0, help="data.workers of the overlap runs (0: auto)")
     p.add_argument("--json", default="benchmark.json", help="where to write the results")
     args = p.parse_args(argv)
     for name, allowed in (("only", SECTIONS), ("sizes", tuple(UNET_SIZES)), ("elbo_sizes", tuple(UNET_SIZES))):
@@ -540,7 +746,18 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')}: unknown value(s) {bad}; allowed: {', '.join(allowed)}")
         setattr(args, name, value)
     args.samplers = [v for v in args.samplers.split(",") if v]
-    for name in ("repeats", "steps_per_call", "sample_steps", "compile_steps", "elbo_batch", "elbo_chunk"):
+    try:
+        args.input_workers = [int(v) for v in args.input_workers.split(",") if v]
+    except ValueError:
+        p.error(f"--input-workers: comma-separated integers >= 1, got {args.input_workers!r}")
+    if not args.input_workers or min(args.input_workers) < 1:
+        p.error(f"--input-workers: comma-separated integers >= 1, got {args.input_workers}")
+    if args.overlap_steps < 20 or args.overlap_steps % 10:
+        p.error(f"--overlap-steps must be a multiple of 10 and >= 20 (logged every 10), got {args.overlap_steps}")
+    if args.overlap_step_ms <= 0 or args.overlap_workers < 0:
+        p.error("--overlap-step-ms must be > 0 and --overlap-workers >= 0")
+    for name in ("repeats", "steps_per_call", "sample_steps", "compile_steps", "elbo_batch", "elbo_chunk",
+                 "input_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.train_batch is not None and args.train_batch < 1:
@@ -567,6 +784,7 @@ def main(argv=None) -> dict:
     # to the limits); then per size the forward and the samplers; then the ELBO and the
     # forward at its batch. UNetBench objects are built once per size.
     sizes = list(dict.fromkeys(args.sizes + (args.elbo_sizes if "elbo" in args.only else [])))
+    sizes = sizes if {"train", "sample", "elbo"} & set(args.only) else []
     benches = {}
     for size in sizes:
         ch, ch_mult, default_batch = UNET_SIZES[size]
@@ -604,11 +822,23 @@ def main(argv=None) -> dict:
             done = run_interleaved({"elbo": bench_elbo(ub, args.elbo_batch, args.elbo_chunk),
                                     "forward": bench_forward(ub, call_batch)}, args.repeats)
             u["elbo"] = {**done["elbo"], "forward": done["forward"]}
+    if {"input", "overlap"} & set(args.only):
+        import tempfile
+
+        scratch = tempfile.TemporaryDirectory()
+        folder = args.jpeg_folder or make_jpeg_folder(os.path.join(scratch.name, "jpeg128"))
+        if "input" in args.only:
+            results["input"] = bench_input(folder, args.input_workers, args.input_batches, args.repeats)
+        if "overlap" in args.only:
+            results["overlap"] = bench_overlap(folder, args.overlap_step_ms / 1e3, args.overlap_steps, 32,
+                                               args.overlap_workers)
+        scratch.cleanup()
     rows: list[dict] = []
     if "limits" in results:
         rows += limits_rows(results["limits"])
     for size in sizes:
         rows += unet_rows(size, results["unet"][size], conv_limits, peak)
+    rows += input_rows(results.get("input"), results.get("overlap"))
     print(table(rows))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -98,3 +98,22 @@ def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):
                                                                               "samplers", "elbo"}
     assert set(saved["unet"]["tiny"]["samplers"]) == {"ddim"} and set(saved["limits"]) == {"matmul", "conv"}
     assert saved["repeats"] == 1 and saved["dtype"] == "float32"
+
+
+def test_input_section_times_every_source_at_each_worker_count(bench, tmp_path):
+    """--only input at tiny size: images/s and the speed-up over one worker for each source and
+    worker count, in the JSON and the table; bad worker lists are refused."""
+    folder = bench.make_jpeg_folder(str(tmp_path / "jpeg"), count=20, size=16)
+    out = tmp_path / "input.json"
+    results = bench.main(["--only=input", "--repeats=1", "--input-workers=1,2", "--input-batches=1",
+                          f"--jpeg-folder={folder}", f"--json={out}"])
+    saved = json.load(open(out))
+    assert set(saved["input"]) == set(results["input"]) == {"digits 8x8", "tfds celeb_a mock 218x178 -> 64",
+                                                             "jpeg folder 128 px"}
+    for r in saved["input"].values():
+        assert set(r["workers"]) == {"1", "2"}
+        assert all(0 < w["images_per_s"]["min"] <= w["images_per_s"]["max"] for w in r["workers"].values())
+        assert r["workers"]["1"]["speedup"]["median"] == 1.0
+    for bad in (["--input-workers=0"], ["--input-workers=a"], ["--overlap-steps=15"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)

@@ -423,3 +423,57 @@ def test_train_time_sampler_compiles_once_for_new_params():
     b = np.asarray(setup.sample(p2, jax.random.PRNGKey(2)))
     assert samplers.front._run_jit._cache_size() == size
     assert a.shape == (4, 2) and not np.allclose(a, b)  # the new parameters were used
+
+
+# ---------------------------------------------------------------------------
+# The prefetching loop and the device-side non-finite check (issue 18).
+# ---------------------------------------------------------------------------
+
+
+def test_prefetching_loop_equals_synchronous_loop(one_device, tmp_path):
+    """The queue changes when batches are made, not which batch a step sees: the default loop
+    (a thread preparing 2 host calls ahead) ends with exactly the state and losses of the loop
+    that makes each batch when its step runs (train.prefetch = 0)."""
+    _run(tmp_path, 1, "train.prefetch=0")
+    _assert_exact(_state(tmp_path), one_device[0])
+    assert _losses(tmp_path) == one_device[1]
+
+
+def test_non_finite_step_between_checks_is_named_and_the_checkpoint_before_it_kept(tmp_path):
+    """A NaN example planted in the data makes step k's loss non-finite. The host reads the
+    device's flag only at log/checkpoint steps (every 4): the run still stops naming step k, the
+    replayed diagnosis finds the example, and the newest checkpoint is the last multiple of 4
+    before k (the steps after k were skipped on the device, nothing later was saved)."""
+    from tests.train_worker import tiny_config
+    from vdm import data
+
+    n, batch, planted_step = 200, 16, 6  # 0-based: the 7th step
+    x = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    x[:, 0] = np.arange(n)  # each example's id, to find the one step 6 draws first
+    path = str(tmp_path / "points.npz")
+    np.savez(path, x=x)
+    cfg = tiny_config().data
+    cfg.update(dict(source="npz", path=path, num_test=8))
+    build = lambda: data.build_dataset(cfg, split="train", global_batch_size=batch, seed=0, process_index=0,
+                                       process_count=1, local_device_count=1)
+    victim = int(build().get_batch(planted_step)["x"][0, 0, 0])
+    x[:, 0] = np.random.default_rng(1).normal(size=n)
+    x[victim, 1] = np.nan
+    np.savez(path, x=x)
+    ds = build()
+    nan_steps = [s for s in range(20) if np.isnan(ds.get_batch(s)["x"]).any()]
+    assert nan_steps[0] == planted_step, nan_steps  # the data module agrees where the NaN is
+
+    workdir = tmp_path / "run"
+    proc = subprocess.run(_cmd(workdir, 1, "data.source='npz'", f"data.path='{path}'", "data.num_test=8",
+                               "train.num_steps=20", "train.log_every=4", "train.checkpoint_every=4",
+                               "eval.every=20"),
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    m = re.search(r"non-finite loss or gradient in step (\d+) \(found at step (\d+);.*"
+                  r"non-finite loss at step (\d+).*last good checkpoint is step (\d+)", proc.stderr)
+    assert m, proc.stderr[-3000:]
+    assert [int(g) for g in m.groups()] == [planted_step + 1, 8, planted_step + 1, 4]
+    assert "loss non-finite for 1 of 16 examples" in proc.stderr
+    assert _checkpoints(workdir)[0] == [4]
+    assert sorted(_losses(workdir)) == [4]  # nothing logged from the skipped steps

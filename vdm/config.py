@@ -69,7 +69,8 @@ def defaults() -> ml_collections.ConfigDict:
         b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=3000, batch_size=64, steps_per_call=1, log_every=100, checkpoint_every=1000,
-        keep_checkpoints=2, distributed=False, coordinator_address="", num_processes=1, process_id=0))
+        keep_checkpoints=2, prefetch=2,  # host calls whose batches a thread prepares ahead (0: none)
+        distributed=False, coordinator_address="", num_processes=1, process_id=0))
     c.eval = ml_collections.ConfigDict(dict(
         every=1000, batch_size=100, num_batches=0,  # 0 = the whole held-out split
         elbo="mc", elbo_samples=8, elbo_chunk=50))
@@ -129,7 +130,8 @@ def validate_optim(optim: ml_collections.ConfigDict) -> None:
 
 def validate_train(train: ml_collections.ConfigDict) -> None:
     _require("train", train, ("num_steps", "batch_size", "steps_per_call", "log_every",
-                                     "checkpoint_every", "keep_checkpoints"))
+                                     "checkpoint_every", "keep_checkpoints", "prefetch"))
+    _int_at_least(train, "prefetch", "train", 0)
     for name in ("num_steps", "batch_size", "steps_per_call", "log_every", "checkpoint_every",
                  "keep_checkpoints"):
         _int_at_least(train, name, "train", 1)

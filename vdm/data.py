@@ -9,6 +9,7 @@ Interface (all a training or evaluation loop needs)::
     for batch in ds.iterate_epoch(256):  # the split once, in order; adds "mask": bool [L, b]
         ...
 
+``ds.close()`` ends the decoding threads of an image folder or TFDS source.
 ``L`` is the number of local devices and ``b = global_batch_size / (process_count * L)``.
 ``"label"`` is present iff ``ds.num_classes > 0``. Other attributes: ``data_shape``
 (NHWC without the batch axis for images, ``(D,)`` for toy data), ``num_classes``,
@@ -26,6 +27,10 @@ noise are drawn per example from its global position, so the global batch does n
 depend on the number of processes or devices, and the data position in a checkpoint is
 just the step. ``iterate_epoch(batch_size)`` visits the split in index order; its last
 batch is padded with example 0 and ``mask`` marks the real examples.
+
+Workers. The images of a batch (any 8-bit image source) are decoded, fitted, flipped and
+scaled by ``cfg.workers`` threads (0: min(8, CPU count)), one contiguous chunk of the batch
+each; every example is converted on its own, so the batch does not depend on the count.
 
 Sources (``cfg.source``):
 
@@ -108,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
         num_points=0,        # source=toy, train: 0 = fresh samples every step; N = fixed set of N points
         num_test=297,        # digits/folder/npz: examples held out as `test`; toy: test points
         skip_bad_files=False,  # source=folder: unreadable files stop the run (False) or are skipped
+        workers=0,           # folder/tfds: threads decoding a batch's images; 0 = min(8, CPU count)
     ))
 
 
@@ -134,7 +140,7 @@ def validate_config(cfg) -> ml_collections.ConfigDict:
 
     if c.source not in SOURCES:
         raise _error("source", f"unknown source {c.source!r}; allowed: {list(SOURCES)}")
-    for field in ("channels", "image_size", "pad_to", "num_points", "num_test"):
+    for field in ("channels", "image_size", "pad_to", "num_points", "num_test", "workers"):
         if not isinstance(c[field], int) or isinstance(c[field], bool) or c[field] < 0:
             raise _error(field, f"must be a non-negative int, got {c[field]!r}")
     for field in ("dequantize", "random_flip", "skip_bad_files"):
@@ -191,10 +197,11 @@ def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def fit_image(image: Image.Image, size: int) -> Image.Image:
     """Scales the shorter side to `size` (bicubic, antialiased) and crops the centre square."""
     w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    if (w, h) == (size, size):
+        return image
+    scale = size / min(w, h)
+    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -250,7 +257,7 @@ BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombErr
 def _decode(path, mode: str) -> Image.Image:
     with Image.open(path) as image:
         image.load()
-        return image.convert(mode)
+        return image if image.mode == mode else image.convert(mode)
 
 
 def _read_error(path, mode: str) -> Optional[str]:
@@ -296,6 +303,35 @@ def _readable_image_files(cfg) -> list:
             raise _error("path", f"none of the {len(files)} files under {cfg.path!r} is a readable image")
         _CHECKED_FOLDERS[key] = good
     return _CHECKED_FOLDERS[key]
+
+
+def num_workers(cfg) -> int:
+    """The decoding threads of ``cfg.workers`` (0: min(8, CPU count))."""
+    return cfg.workers or min(8, os.cpu_count() or 1)
+
+
+class _Workers:
+    """Threads that load the images of a batch in parallel, one chunk of the batch each (PIL's
+    decoders and resizing, and NumPy's array loops, release the GIL). ``map`` keeps the order of
+    its items and every example is converted on its own (its flip and noise drawn from its
+    position), so a batch is the same whatever the number of threads; one worker runs in the
+    caller's thread. The threads exist only while a pool is open: ``close`` ends them, and being threads
+    of this process, a SIGKILL of the process leaves none behind."""
+
+    def __init__(self, count: int):
+        self.count, self._pool = count, None
+
+    def map(self, fn, items) -> list:
+        if self.count == 1:
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.count, thread_name_prefix="vdm-decode")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class _Folder:
@@ -421,6 +457,7 @@ class Dataset:
         self.is_discrete_8bit = is_8bit and not cfg.dequantize
         self.log_prob = log_prob
         self._examples, self._sample = examples, sample
+        self._workers = _Workers(num_workers(cfg))
         self._is_8bit, self._pad_to = is_8bit, cfg.pad_to
         self._dequantize = is_8bit and cfg.dequantize
         self._flip = is_8bit and cfg.random_flip and split == "train"
@@ -481,13 +518,22 @@ class Dataset:
     # -- shared ----------------------------------------------------------------
 
     def _batch(self, indices, positions, tag, flip) -> dict:
-        x, labels = self._examples.load(indices)
-        if self._is_8bit:
-            x = self._images_to_float(x, positions, tag, flip)
+        if self._is_8bit:  # decoded, fitted and scaled in parallel chunks of the batch
+            chunks = np.array_split(np.arange(len(indices)), min(self._workers.count, len(indices)))
+            parts = self._workers.map(lambda c: self._load_images(indices[c], positions[c], tag, flip), chunks)
+            x = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            labels = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+        else:
+            x, labels = self._examples.load(indices)
         batch = {"x": x}
         if self.num_classes:
             batch["label"] = labels.astype(np.int32)
         return self._shard(batch)
+
+    def _load_images(self, indices, positions, tag, flip):
+        """(float32 images, labels or None) of examples ``indices`` at stream ``positions``."""
+        images, labels = self._examples.load(indices)
+        return self._images_to_float(images, positions, tag, flip), labels
 
     def _images_to_float(self, images, positions, tag, flip) -> np.ndarray:
         """uint8 [n, H, W, C] -> float32 in [-1, 1]: flip, pad, scale, dequantize (module docstring)."""
@@ -505,6 +551,10 @@ class Dataset:
         if self._dequantize:
             x += noise
         return x / 127.5 - 1.0
+
+    def close(self) -> None:
+        """Ends the decoding threads (a later batch starts them again)."""
+        self._workers.close()
 
     def _shard(self, batch: dict) -> dict:
         return {k: np.asarray(v).reshape((self.local_device_count, -1) + v.shape[1:])

@@ -8,6 +8,15 @@ gives the same result on 1, 2 or N devices and on any number of hosts (up to
 float rounding of the averages). Several steps can run per host call inside a
 ``lax.scan``.
 
+The loop never waits for the device between steps: a thread (``vdm.prefetch``) makes
+the batches of the next ``train.prefetch`` host calls and puts them on the devices
+while the current call runs; metrics stay on the devices until a log step; and the
+step itself checks that its loss and gradient norm are finite (``guarded_step``): a
+non-finite step and every step after it leave the state unchanged and record the step,
+which the host reads when it reads results anyway (log, eval and checkpoint steps).
+It then stops, as before, with a diagnosis replayed from the last good state and the
+last good checkpoint kept.
+
 The optimiser is Optax AdamW after global-norm clipping, with linear warmup
 then constant or cosine decay, optional gradient accumulation
 (``optax.MultiSteps``) and an exponential moving average of the parameters.
@@ -19,6 +28,7 @@ last checkpoint left off.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -40,6 +50,7 @@ from vdm import build
 from vdm import checkpoints
 from vdm import config as config_lib
 from vdm import data as data_lib
+from vdm import prefetch
 from vdm import viz
 
 AXIS = "batch"
@@ -156,15 +167,37 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     return new_state, metrics
 
 
-def make_p_train(objective, optimizer, optim) -> Callable:
+def guarded_step(carry, batch, *, step: Callable):
+    """``step`` (``train_step`` with its options bound) that keeps the state when it goes
+    non-finite. ``carry`` is (state, bad): bad is -1 while every step was finite, else the
+    0-based number of the first step whose loss or gradient norm was not finite (the loop's
+    check, made on the device). From that step on the state is left as it was, so when the
+    host reads ``bad`` the state is the last good one."""
+    state, bad = carry
+    new_state, metrics = step(state, batch)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = finite & (bad < 0)
+    bad = jnp.where((bad < 0) & ~finite, state.step, bad)
+    state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
+    return (state, bad), metrics
+
+
+def make_p_train(objective, optimizer, optim, guard: bool = False) -> Callable:
     """pmapped ``(state, batches) -> (state, metrics)``; batches are [devices, k, per_device, ...]
-    and the k steps run in one ``lax.scan`` (metrics come back with a leading k axis)."""
+    and the k steps run in one ``lax.scan`` (metrics come back with a leading k axis).
+
+    With ``guard``: ``(state, batches, bad) -> (state, metrics, bad)``, the steps run through
+    ``guarded_step`` (non-finite steps leave the state as it was and set ``bad``, int32 per device)."""
     step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim)
 
     def multi_step(state, batches):
         return jax.lax.scan(step, state, batches)
 
-    return jax.pmap(multi_step, axis_name=AXIS)
+    def guarded_multi_step(state, batches, bad):
+        (state, bad), metrics = jax.lax.scan(functools.partial(guarded_step, step=step), (state, bad), batches)
+        return state, metrics, bad
+
+    return jax.pmap(guarded_multi_step if guard else multi_step, axis_name=AXIS)
 
 
 # ---------------------------------------------------------------------------
@@ -239,6 +272,20 @@ def _stack_steps(batches: list[dict]) -> dict:
     return {key: np.stack([b[key] for b in batches], axis=1) for key in batches[0]}
 
 
+# Host calls dispatched ahead of the one the host waits for: enough to keep the device busy
+# while the host dispatches the next, few enough to bound the batches held on the devices.
+MAX_CALLS_IN_FLIGHT = 2
+
+
+def batch_placement() -> Callable:
+    """``place(tree)``: host batches [local devices, ...] put on the local devices the way
+    ``pmap`` shards its inputs (axis 0, in ``jax.local_devices()`` order), so a batch placed
+    ahead of its step is not copied again by the step."""
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+    return lambda tree: jax.device_put(tree, sharding)
+
+
 def _all_finite(metrics: dict) -> bool:
     return all(np.all(np.isfinite(v)) for v in metrics.values())
 
@@ -309,6 +356,23 @@ def diagnose_non_finite(setup: build.Setup, optimizer, optim, state: TrainState,
     elif largest > 1e4 or not (bad.any() or bad_grads):
         lines.append("cause: the parameters diverged; lower optim.lr or set optim.grad_clip")
     return "; ".join(lines)
+
+
+def non_finite_error(setup: build.Setup, optimizer, optim, state: TrainState, train_ds, bad_step: int,
+                     step: int, manager) -> FloatingPointError:
+    """The error that stops a run whose step ``bad_step`` (0-based) went non-finite, found by the
+    host at ``step``: ``state`` (replicated) is the last good state, as ``guarded_step`` kept it,
+    and the failing step is replayed from it on its batch (``get_batch`` is a pure function of
+    the step) by ``diagnose_non_finite``. Names the last good checkpoint, which is kept."""
+    batches = _stack_steps([train_ds.get_batch(bad_step)])
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    return FloatingPointError(
+        f"non-finite loss or gradient in step {bad_step + 1} (found at step {step}; the steps "
+        f"from it on were skipped). " + diagnose_non_finite(setup, optimizer, optim, state, batches, bad_step)
+        + ". Stopped without saving; " + (
+            f"the last good checkpoint is step {latest} in {manager.directory}."
+            if latest is not None else f"no checkpoint yet in {manager.directory}."))
 
 
 class _Log:
@@ -382,47 +446,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     k = train.steps_per_call
     last_bpd = "-"  # the test -ELBO of the last evaluation, shown on the progress line
     tick, tick_step = time.time(), step
-    while step < train.num_steps:
-        batches = _stack_steps([train_ds.get_batch(step + j) for j in range(k)])
-        last_state, (state, metrics) = state, p_train(state, batches)
-        metrics = jax.tree.map(lambda v: np.asarray(v[0]), jax.device_get(metrics))
-        if not _all_finite(metrics):
-            manager.wait_until_finished()
-            raise FloatingPointError(
-                f"non-finite loss or gradient in steps {step + 1}..{step + k}: "
-                f"loss={metrics['loss'].tolist()}, grad_norm={metrics['grad_norm'].tolist()}. "
-                + diagnose_non_finite(setup, optimizer, optim, last_state, batches, step)
-                + ". Stopped without saving; " + (
-                    f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}."
-                    if manager.latest_step() is not None else f"no checkpoint yet in {manager.directory}."))
-        step += k
-        done = step == train.num_steps
-        if step % train.log_every == 0 or done:
-            now = time.time()
-            rate = (step - tick_step) / max(now - tick, 1e-9)
-            tick, tick_step = now, step
-            scalars = {key: float(v.mean()) for key, v in metrics.items()}
-            log.write(step, {**scalars, "steps_per_sec": rate})
-            log.console(f"step {step}/{train.num_steps} | loss {scalars['loss']:.4f} | "
-                        f"eval bpd {last_bpd} | {rate:.1f} steps/s")
-        if step % config.eval.every == 0 or done:
-            scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
-            if baseline is not None:
-                scores["pixel_baseline_bpd"] = baseline["mean"]
-            last_bpd = f"{scores['eval_bpd']:.3f}"
-            log.write(step, scores)
-            log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
-            if chief and config.sample.num_samples > 0:
-                samples = setup.sample(checkpoints.unreplicate(state.ema_params), jax.random.fold_in(sample_rng, step))
-                samples = np.asarray(samples)
-                path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), samples)
-                bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
-                log.console(f"samples written to {path}"
-                            + (f" ({bad} of {len(samples)} samples not finite, left out)" if bad else ""))
-            tick = time.time()  # do not count evaluation in steps/s
-        if step % train.checkpoint_every == 0 or done:
-            manager.save(step, args=ocp.args.StandardSave(checkpoints.unreplicate(state)))
-            log.console(f"checkpoint step {step} saving")
+    p_train = make_p_train(setup.objective, optimizer, optim, guard=True)
+    bad = flax.jax_utils.replicate(np.int32(-1))  # the first non-finite step, found on the device
+    place = batch_placement()
+    ahead = prefetch.Prefetcher(
+        lambda first: place(_stack_steps([train_ds.get_batch(first + j) for j in range(k)])),
+        range(step, train.num_steps, k), train.prefetch)
+    in_flight = collections.deque()  # the `bad` outputs of calls dispatched and maybe not finished
+    try:
+        for first, batches in ahead:
+            state, metrics, bad = p_train(state, batches, bad)
+            step = first + k
+            in_flight.append(bad)
+            if len(in_flight) > MAX_CALLS_IN_FLIGHT:
+                in_flight.popleft().block_until_ready()
+            done = step == train.num_steps
+            log_now = step % train.log_every == 0 or done
+            eval_now = step % config.eval.every == 0 or done
+            save_now = step % train.checkpoint_every == 0 or done
+            if log_now or eval_now or save_now:  # the host reads results here: check the run is finite
+                first_bad = int(jax.device_get(bad)[0])
+                if first_bad >= 0:
+                    ahead.close()
+                    raise non_finite_error(setup, optimizer, optim, state, train_ds, first_bad, step, manager)
+            if log_now:
+                now = time.time()
+                rate = (step - tick_step) / max(now - tick, 1e-9)
+                tick, tick_step = now, step
+                scalars = {key: float(np.mean(v[0])) for key, v in jax.device_get(metrics).items()}
+                log.write(step, {**scalars, "steps_per_sec": rate})
+                log.console(f"step {step}/{train.num_steps} | loss {scalars['loss']:.4f} | "
+                            f"eval bpd {last_bpd} | {rate:.1f} steps/s")
+            if eval_now:
+                scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
+                if baseline is not None:
+                    scores["pixel_baseline_bpd"] = baseline["mean"]
+                last_bpd = f"{scores['eval_bpd']:.3f}"
+                log.write(step, scores)
+                log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+                if chief and config.sample.num_samples > 0:
+                    samples = setup.sample(checkpoints.unreplicate(state.ema_params),
+                                           jax.random.fold_in(sample_rng, step))
+                    samples = np.asarray(samples)
+                    path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), samples)
+                    bad_samples = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
+                    log.console(f"samples written to {path}" + (
+                        f" ({bad_samples} of {len(samples)} samples not finite, left out)" if bad_samples else ""))
+                tick = time.time()  # do not count evaluation in steps/s
+            if save_now:
+                manager.save(step, args=ocp.args.StandardSave(checkpoints.unreplicate(state)))
+                log.console(f"checkpoint step {step} saving")
+    finally:
+        ahead.close()
+        train_ds.close()
+        eval_ds.close()
     manager.wait_until_finished()
     manager.close()
     log.close()
