@@ -35,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from vdm import build
+from vdm import classifier_guidance
 from vdm import checkpoints
 from vdm import config as config_lib
 from vdm import data as data_lib
@@ -183,26 +184,30 @@ def _compiled(network, diffusion_json: str, optim_json: str, num_steps: int) -> 
 
 
 def accuracy_vs_noise(correct: Callable, process: build.Process, params, dataset, times, key,
-                      batch_size: int) -> list:
+                      batch_size: int, num_draws: int = 1) -> list:
     """Held-out accuracy at each time in ``times``: every example of ``dataset`` (its whole split)
-    noised once to that level (its own key), classified by the argmax of the logits
-    (``correct`` from ``make_correct_fn``).
+    noised ``num_draws`` times to that level (draw d of example i from fold_in(key, d) and i),
+    classified by the argmax of the logits (``correct`` from ``make_correct_fn``).
 
-    Rows {t, log_snr, accuracy, stderr, num_examples}; stderr = sqrt(p (1 - p) / n), the binomial
-    standard error over examples.
+    Rows {t, log_snr, accuracy, stderr, num_examples, num_draws}: accuracy is the mean over examples
+    of each example's fraction correct over its draws, stderr that mean's standard error over examples
+    (std / sqrt(n); with one draw, about the binomial sqrt(p (1 - p) / n)).
     """
     batches = [(b["x"].reshape((-1,) + b["x"].shape[2:]), b["label"].reshape(-1), b["mask"].reshape(-1))
                for b in dataset.iterate_epoch(batch_size)]
     rows = []
     for t in times:
-        hits, n = 0, 0
+        per_example = []
         for i, (x, y, mask) in enumerate(batches):
             index = jnp.arange(len(x)) + i * batch_size
-            hits += int(np.sum(np.asarray(correct(params, key, x, y, t, index)) & mask))
-            n += int(mask.sum())
-        p = hits / n
-        rows.append({"t": t.item(), "log_snr": float(process.log_snr({}, t)), "accuracy": p,
-                     "stderr": float(np.sqrt(p * (1 - p) / n)), "num_examples": n})
+            hits = np.mean([np.asarray(correct(params, jax.random.fold_in(key, d), x, y, t, index))
+                            for d in range(num_draws)], axis=0)
+            per_example.append(hits[mask])
+        per_example = np.concatenate(per_example)
+        n = len(per_example)
+        rows.append({"t": t.item(), "log_snr": float(process.log_snr({}, t)), "accuracy": float(per_example.mean()),
+                     "stderr": float(per_example.std(ddof=1) / np.sqrt(n)), "num_examples": n,
+                     "num_draws": num_draws})
     return rows
 
 
@@ -337,3 +342,28 @@ def check_guidance_inputs(run: ClassifierRun, data_shape, labels) -> None:
     if labels.size and (labels.min() < 0 or labels.max() >= run.num_classes):
         raise ValueError(f"label(s) {sorted(set(labels[(labels < 0) | (labels >= run.num_classes)].tolist()))} "
                          f"out of range: the classifier has {run.num_classes} classes (labels 0..{run.num_classes - 1})")
+
+
+def guided_model_fn(model_fn: Callable, run: ClassifierRun, labels, scale, process: build.Process, params,
+                    diffusion_cfg: ml_collections.ConfigDict) -> Callable:
+    """A diffusion run's ``model_fn(x_t, t)`` (``build.make_model_fn``) guided by the classifier ``run``
+    towards ``labels`` [B] with scale s (``classifier_guidance.classifier_guidance``); the model's time
+    is mapped to the log-SNR by its own process, so the classifier sees the level the model is at."""
+    d = diffusion_cfg
+    return classifier_guidance.classifier_guidance(
+        model_fn, run.log_prob, labels, scale, log_snr_fn=lambda t: process.log_snr(params, t),
+        parameterization=d.parameterization, variance_type=d.variance,
+        sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA))
+
+
+def evaluate_classifier(workdir: str, num_levels: int, num_draws: int, seed: int = 0) -> list:
+    """``accuracy_vs_noise`` of a trained classifier's EMA parameters (latest checkpoint) on the test
+    split of its config, at ``num_levels`` evenly spread training levels with ``num_draws`` noise
+    draws per example."""
+    config = checkpoints.load_run_config(workdir)
+    run = load_classifier(workdir)
+    test_ds = data_lib.build_dataset(config.data, split="test", global_batch_size=config.eval.batch_size,
+                                     seed=config.seed)
+    fns = _compiled(run.network, config.diffusion.to_json(), config.optim.to_json(), config.train.num_steps)
+    return accuracy_vs_noise(fns.correct, fns.process, run.params, test_ds, evaluation_times(fns.process, num_levels),
+                             jax.random.PRNGKey(seed), config.eval.batch_size, num_draws)
