@@ -58,6 +58,10 @@ def classifier_guidance(model_fn: Callable, log_prob_fn: Callable, labels, scale
     ``labels`` [B] the class of each sample; ``scale`` s (0: unguided; may be traced);
     ``log_snr_fn(t)`` maps the model's time to the log-SNR (a discrete schedule's
     ``schedule.log_snr[t]``). Learned-variance channels pass through unchanged.
+
+    The labels are fixed in the returned function (so it can wrap a classifier-free-guided model,
+    whose own labels are its business): sample it on one device; ``samplers.sample(..., pmap=True)``
+    would split x but not these labels.
     """
     diffusion.check_parameterization(parameterization)
     diffusion.check_variance_type(variance_type)
