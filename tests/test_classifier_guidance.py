@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from vdm import classifier_guidance, diffusion, exact, noisy_classifier_train, samplers, schedules
-from vdm.models import presets
 
 # Three well-separated components in 2-D (centres 6 apart, standard deviations <= 0.7).
 MIX = exact.gaussian_mixture([0.5, 0.3, 0.2], [[-3.0, 0.0], [3.0, 0.0], [0.0, 5.0]], [[0.5, 0.3], [0.25, 0.5], [0.4, 0.4]])
@@ -41,8 +40,8 @@ def test_guided_unconditional_denoiser_is_the_conditional_one_at_every_level(par
     t = jnp.arange(1, SCHEDULE.T + 1, dtype=jnp.int32)
     x, labels = _noisy_inputs(t), t % 3
     lam = SCHEDULE.log_snr[t]
-    guided = jax.jit(_guided(parameterization, labels, 1.0))(x, t)
-    cond = exact.conditional_model_fn(MIX, parameterization, schedule=SCHEDULE)(x, t, labels)
+    cond_fn = exact.conditional_model_fn(MIX, parameterization, schedule=SCHEDULE)
+    guided, cond = jax.jit(lambda x, t: (_guided(parameterization, labels, 1.0)(x, t), cond_fn(x, t, labels)))(x, t)
     alpha, sigma = (np.asarray(a, np.float64)[:, None] for a in diffusion.alpha_sigma(lam))
     (x0_g, eps_g), (x0_c, eps_c) = ([np.asarray(v, np.float64) for v in
                                      diffusion.x0_eps_from_output(out, x, lam, parameterization)]
