@@ -35,6 +35,14 @@ centre. Images: the Fréchet distance in the features of a small classifier
 trained on the training split (cached in the workdir), and FID when
 ``--inception_weights`` names the weights file (nothing is downloaded).
 
+Classifier guidance (``--classifier_workdir`` and ``--classifier_scale=s1,s2,...``): for each
+scale s, ``--num_generated`` samples of the first --sampler / --sampling_steps with labels
+cycling over the classes, guided by the noisy classifier (``vdm.classifier_guidance``); per
+scale the accuracy (the fraction the clean feature classifier assigns to the requested
+label, binomial standard error) and the classifier Fréchet distance to the split;
+<workdir>/classifier_guidance.png. ``guidance_sweep`` takes any guided-model factory, so
+classifier-free guidance rows come from the same code.
+
 Prints the tables and writes ``<workdir>/eval_<split>.json`` (or ``--out``).
 """
 import math
@@ -89,6 +97,10 @@ _CLASSIFIER_STEPS = flags.DEFINE_integer("classifier_steps", 1000, "Training ste
 _VARIANCE_DRAWS = flags.DEFINE_integer("estimator_variance_draws", 0, "Continuous-time model: also measure the "
                                        "variance of the one-draw loss estimate from this many independent "
                                        "draws per example (0: skip).")
+_CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifier guidance sweep: a noisy "
+                                          "classifier's workdir (scripts/train_classifier.py).")
+_CLASSIFIER_SCALES = flags.DEFINE_list("classifier_scale", ["0", "0.5", "1", "2", "4", "8"],
+                                       "Comma list of classifier guidance scales for --classifier_workdir.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
 _OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<split>.json).")
 
@@ -157,15 +169,17 @@ def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=Fal
     return likelihood.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
 
 
-def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int):
-    """Samples of ``shape`` [n, ...] from the model, and the number of steps taken."""
+def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int, guide=None):
+    """Samples of ``shape`` [n, ...] from the model (guided by ``guide(model_fn, params) -> model_fn``
+    when given, see ``build.build_sampler``), and the number of steps taken."""
     import numpy as np
 
     from vdm import build
 
     steps = num_steps or build.sampling_steps(config.sample, config.diffusion)
     x = setup.sample(params, key, num_samples=shape[0], sampler=sampler, num_steps=steps,
-                     spacing=_SPACING.value, options=sampler_options(config, sampler), clip_x0=images)
+                     spacing=_SPACING.value, options=sampler_options(config, sampler), clip_x0=images,
+                     guide=guide)
     return np.asarray(x), steps
 
 
@@ -241,6 +255,76 @@ def image_sample_metrics(workdir, config, dataset, real, samples, seed):
     return out
 
 
+def guidance_sweep(guided_model, scales, draw, score, name: str) -> list:
+    """One row {guidance: name, scale, **score(samples)} per scale: ``guided_model(scale) -> model_fn``,
+    ``draw(model_fn) -> samples``, ``score(samples) -> dict`` (e.g. ``labelled_sample_metrics``)."""
+    rows = []
+    for scale in scales:
+        row = {"guidance": name, "scale": float(scale), **score(draw(guided_model(scale)))}
+        rows.append(row)
+        print(f"{name} guidance, scale {scale:g}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "scale"))
+    return rows
+
+
+def labelled_sample_metrics(config, dataset, real, labels):
+    """``score(samples)`` for samples drawn with ``labels``: accuracy (the clean feature classifier's
+    argmax equals the label; binomial stderr) and the classifier Fréchet distance to ``real``."""
+    from vdm.metrics import classifier
+
+    def score(samples):
+        out = image_sample_metrics(_WORKDIR.value, config, dataset, real, samples, _SEED.value)
+        hits = classifier.predicted_labels(_WORKDIR.value, samples, dataset.num_classes) == labels
+        p = float(hits.mean())
+        return {"accuracy": p, "accuracy_stderr": math.sqrt(p * (1 - p) / len(hits)), **out}
+
+    return score
+
+
+def load_guiding_classifier(dataset, images):
+    """(classifier run, labels [n] cycling over the classes) for --classifier_workdir, checked against
+    the data before anything is evaluated or sampled; None without the flag."""
+    import numpy as np
+
+    from vdm import noisy_classifier_train
+
+    if not _CLASSIFIER_WORKDIR.value:
+        return None
+    if not images or not dataset.num_classes:
+        raise app.UsageError("--classifier_workdir needs labelled image data")
+    with cli.usage_errors():
+        run = noisy_classifier_train.load_classifier(_CLASSIFIER_WORKDIR.value)
+        if run.num_classes != dataset.num_classes:
+            raise ValueError(f"the classifier in {_CLASSIFIER_WORKDIR.value} has {run.num_classes} classes, "
+                             f"the data {dataset.num_classes}")
+        labels = np.arange(_NUM_GENERATED.value) % run.num_classes
+        noisy_classifier_train.check_guidance_inputs(run, dataset.data_shape, labels)
+        scales = [float(v) for v in _CLASSIFIER_SCALES.value]
+    return run, labels, scales
+
+
+def classifier_guidance_sweep(setup, config, params, key, dataset, real, guiding):
+    """``guidance_sweep`` of the classifier of ``load_guiding_classifier`` over --classifier_scale."""
+    from vdm import noisy_classifier_train
+
+    run, labels, scales = guiding
+    n = len(labels)
+    sampler, steps = _SAMPLER.value[0], int(_SAMPLING_STEPS.value[0])
+
+    def guided(scale):
+        return lambda model_fn, p: noisy_classifier_train.guided_model_fn(model_fn, run, labels, scale,
+                                                                          setup.process, p, config.diffusion)
+
+    def draw(guide):
+        return draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), True, sampler, steps,
+                            guide=guide)[0]
+
+    rows = guidance_sweep(guided, scales, draw, labelled_sample_metrics(config, dataset, real, labels), "classifier")
+    for r in rows:
+        r.update(sampler=sampler, steps=steps, num_samples=n, classifier_step=run.step)
+    return rows
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -266,6 +350,7 @@ def main(argv):
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
         raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
                              + inception.INCEPTION_WEIGHTS_HELP)
+    guiding = load_guiding_classifier(dataset, images)
     with cli.usage_errors():
         params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     key = jax.random.PRNGKey(_SEED.value)
@@ -347,6 +432,17 @@ def main(argv):
             path = viz.plot_ablation(os.path.join(workdir, "sample_quality.png"), rows, metrics, label="sampler",
                                      x="nfe", log_x=True, title="sample quality vs network evaluations")
             print(f"wrote {path}")
+
+    if guiding is not None:
+        from vdm import viz
+
+        real = np.concatenate([b["x"] for b in likelihood.epoch_batches(dataset, batch_size)])[:dataset.num_examples]
+        rows = classifier_guidance_sweep(setup, config, params, jax.random.fold_in(key, 2000), dataset, real, guiding)
+        result["classifier_guidance"] = rows
+        path = viz.plot_ablation(os.path.join(workdir, "classifier_guidance.png"), rows,
+                                 ["accuracy", "classifier_fd"], label="guidance", x="scale",
+                                 title="guided samples: accuracy and Fréchet distance vs scale")
+        print(f"wrote {path}")
 
     out = _OUT.value or os.path.join(workdir, f"eval_{_SPLIT.value}.json")
     print(f"wrote {likelihood.save_json(out, result)}")

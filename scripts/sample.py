@@ -3,6 +3,8 @@
     python scripts/sample.py --workdir=runs/digits
     python scripts/sample.py --workdir=runs/digits --sampler=ddim --num_steps=50 --eta=0.0
     python scripts/sample.py --workdir=runs/mixture1d --num_samples=2000
+    python scripts/sample.py --workdir=runs/default --classifier_workdir=runs/digits_classifier \
+        --label=3 --classifier_scale=2      # classifier guidance (scripts/train_classifier.py)
 
 The config is the one the run saved (workdir/config.json) unless --config names a
 file. Writes into --out (default workdir/samples/<sampler>_<steps>steps_seed<seed>/):
@@ -43,6 +45,11 @@ _NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FRAMES = flags.DEFINE_integer("frames", 100, "At most this many trajectory records (GIF frames, paths).")
 _OUT = flags.DEFINE_string("out", "", "Output directory.")
+_LABEL = flags.DEFINE_integer("label", None, "Class of every sample (guided sampling).")
+_CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifier guidance: a noisy classifier's "
+                                          "workdir (scripts/train_classifier.py); needs --label.")
+_CLASSIFIER_SCALE = flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s: eps - s sigma_t "
+                                       "grad log p(label | x_t) (0: unguided).")
 
 
 def parse_options(pairs):
@@ -56,6 +63,35 @@ def parse_options(pairs):
         except (ValueError, SyntaxError):
             options[key] = value
     return options
+
+
+def load_guiding_classifier(data_shape, num_samples):
+    """(classifier run, labels [N]) for --classifier_workdir, checked against the model's data shape
+    and --label before anything is sampled; None without --classifier_workdir."""
+    import numpy as np
+
+    from vdm import noisy_classifier_train
+
+    if _CLASSIFIER_WORKDIR.value is None:
+        return None
+    if _LABEL.value is None:
+        raise app.UsageError("--classifier_workdir needs --label (the class to guide the samples towards)")
+    labels = np.full((num_samples,), _LABEL.value, np.int32)
+    with cli.usage_errors():
+        run = noisy_classifier_train.load_classifier(_CLASSIFIER_WORKDIR.value)
+        noisy_classifier_train.check_guidance_inputs(run, data_shape, labels)
+    return run, labels
+
+
+def classifier_guided(model_fn, guiding, process, params, diffusion_cfg):
+    """``model_fn`` guided by the classifier of ``load_guiding_classifier`` (unchanged when None)."""
+    from vdm import noisy_classifier_train
+
+    if guiding is None:
+        return model_fn
+    run, labels = guiding
+    return noisy_classifier_train.guided_model_fn(model_fn, run, labels, _CLASSIFIER_SCALE.value, process, params,
+                                                  diffusion_cfg)
 
 
 def main(argv):
@@ -75,6 +111,7 @@ def main(argv):
     dataset = data.build_dataset(config.data, split="train", global_batch_size=jax.local_device_count(),
                                  seed=config.seed)
     setup = build.build_setup(config, dataset)
+    guiding = load_guiding_classifier(dataset.data_shape, _NUM.value)
     with cli.usage_errors():
         params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     images = len(dataset.data_shape) == 3
@@ -83,13 +120,16 @@ def main(argv):
     steps = _NUM_STEPS.value or build.sampling_steps(config.sample, config.diffusion)
     every = max(1, math.ceil(steps / _FRAMES.value))
     clip = images if _CLIP.value is None else _CLIP.value
+    guide = None if guiding is None else (
+        lambda model_fn, p: classifier_guided(model_fn, guiding, setup.process, p, config.diffusion))
     with cli.usage_errors():
         samples, traj = setup.sample(params, jax.random.PRNGKey(_SEED.value), num_samples=_NUM.value,
                                      sampler=sampler, num_steps=steps, spacing=_SPACING.value,
-                                     options=options or None, clip_x0=clip, trajectory_every=every)
+                                     options=options or None, clip_x0=clip, trajectory_every=every, guide=guide)
     samples, traj = np.asarray(samples), jax.tree.map(np.asarray, traj)
 
-    out = _OUT.value or os.path.join(workdir, "samples", f"{sampler}_{steps}steps_seed{_SEED.value}")
+    guided = "" if guiding is None else f"_label{_LABEL.value}_classifier{_CLASSIFIER_SCALE.value:g}"
+    out = _OUT.value or os.path.join(workdir, "samples", f"{sampler}_{steps}steps_seed{_SEED.value}{guided}")
     os.makedirs(out, exist_ok=True)
     written = [os.path.join(out, "samples.npz")]
     np.savez(written[0], samples=samples, traj_times=traj.times, traj_x=traj.x, traj_x0=traj.x0,

@@ -293,8 +293,9 @@ def build_sampler(config: ml_collections.ConfigDict, network, process: Process, 
     None replaces one: ``num_samples``, ``sampler``, ``num_steps``, ``spacing``, ``options`` (the
     sampler's own; by default ``sample.options`` when the sampler is the config's, else none) and
     ``clip_x0`` (by default x0 predictions are clipped to [-1, 1] for image data when
-    ``sample.clip_x0``). Other keywords (``trajectory_every``, ``labels``, ...) go to
-    ``samplers.sample`` as they are.
+    ``sample.clip_x0``). ``guide(model_fn, params) -> model_fn`` wraps the model (e.g. classifier
+    guidance; it is then compiled once per guide). Other keywords (``trajectory_every``,
+    ``labels``, ...) go to ``samplers.sample`` as they are.
 
     The parameters are a traced argument of one compiled sampler (``samplers.sample(...,
     params=...)``), so evaluations during training reuse a single compile; only the grid of
@@ -306,14 +307,17 @@ def build_sampler(config: ml_collections.ConfigDict, network, process: Process, 
     def model(params, x_t, t):
         return make_model_fn(network, process, d.time_input, params)(x_t, t)
 
+    def guided(guide):
+        return lambda params, x_t, t: guide(functools.partial(model, params), params)(x_t, t)
+
     def sample(params, key, *, num_samples=None, sampler=None, num_steps=None, spacing=None, options=None,
-               clip_x0=None, **extra):
+               clip_x0=None, guide=None, **extra):
         sampler = sampler or s.sampler
         if options is None:
             options = dict(s.get("options", {})) if sampler == s.sampler else {}
         levels = (dict(schedule=process.schedule) if process.discrete
                   else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
-        return samplers.sample(model, key, (num_samples or s.num_samples,) + tuple(data_shape), sampler=sampler,
+        return samplers.sample(model if guide is None else guided(guide), key, (num_samples or s.num_samples,) + tuple(data_shape), sampler=sampler,
                                num_steps=num_steps or sampling_steps(s, d), spacing=spacing or s.spacing,
                                parameterization=d.parameterization, variance_type=d.variance,
                                clip_x0=bool(s.clip_x0 and images) if clip_x0 is None else clip_x0,

@@ -20,7 +20,8 @@ learned_range clipped to the range [beta~_t, beta_t] the interpolation spans
 (unclipped, a respaced chain would extrapolate the one-step fraction far
 outside its stride's bounds).
 ``conditional_model_fn`` adds a class label: label k is component k alone and
-the null label K is the whole mixture (classifier-free guidance tests).
+the null label K is the whole mixture (classifier-free guidance tests), and
+``classifier_log_prob`` is the exact posterior classifier log p(k | x_t) (classifier guidance tests).
 
 Data have shape [B, D]; a 1-D mixture has D = 1.
 """
@@ -88,18 +89,33 @@ def _level(log_snr, x):
     return alpha, sigma
 
 
-def responsibilities(mixture: GaussianMixture, x_t, log_snr=jnp.inf, log_weights=None):
-    """r_k(x_t) = p(component k | x_t) under q(x_t), shape [B, K]. log_snr = +inf: the data level.
-
-    ``log_weights`` [B, K] replaces log w_k per example (used by the conditional model).
-    """
+def _log_joint(mixture: GaussianMixture, x_t, log_snr, log_weights):
+    """log w_k + log N(x_t; alpha mu_k, alpha^2 v_k + sigma^2), shape [B, K]."""
     alpha, sigma = _level(log_snr, x_t)
     var = alpha ** 2 * mixture.variances + sigma ** 2                       # [(B), K, D]
     diff = x_t[:, None, :] - alpha * mixture.means                         # [B, K, D]
     log_n = -0.5 * jnp.sum(diff ** 2 / var + jnp.log(2 * math.pi * var), axis=-1)
     if log_weights is None:
         log_weights = jnp.log(mixture.weights)
-    return jax.nn.softmax(log_weights + log_n, axis=-1)
+    return log_weights + log_n
+
+
+def responsibilities(mixture: GaussianMixture, x_t, log_snr=jnp.inf, log_weights=None):
+    """r_k(x_t) = p(component k | x_t) under q(x_t), shape [B, K]. log_snr = +inf: the data level.
+
+    ``log_weights`` [B, K] replaces log w_k per example (used by the conditional model).
+    """
+    return jax.nn.softmax(_log_joint(mixture, x_t, log_snr, log_weights), axis=-1)
+
+
+def classifier_log_prob(mixture: GaussianMixture) -> Callable:
+    """The exact noisy classifier ``log_prob(x_t, log_snr, labels) -> [B]``: log r_y(x_t), the log
+    responsibility of component y (log-softmax, finite where r_y underflows), for classifier guidance."""
+    def log_prob(x_t, log_snr, labels):
+        log_r = jax.nn.log_softmax(_log_joint(mixture, x_t, log_snr, None), axis=-1)
+        return jnp.take_along_axis(log_r, jnp.asarray(labels)[:, None], axis=-1)[:, 0]
+
+    return log_prob
 
 
 def posterior(mixture: GaussianMixture, x_t, log_snr, log_weights=None):

@@ -122,3 +122,21 @@ def load_or_train_classifier(workdir: str, batch_fn: Callable, num_classes: int,
                                for i in range(0, len(images), batch_size)])
 
     return features
+
+
+def predicted_labels(workdir: str, images, num_classes: int, batch_size: int = 500) -> np.ndarray:
+    """The argmax labels [N] of the feature classifier cached in ``workdir`` by
+    ``load_or_train_classifier`` (call that first), for images [N, H, W, C]: the class of generated
+    samples, e.g. to measure how often guided samples are of the requested class."""
+    path = os.path.join(workdir, CLASSIFIER_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: load_or_train_classifier trains and caches it")
+    params, meta = _load_params(path)
+    images = np.asarray(images, np.float32)
+    if images.shape[1:] != tuple(meta["image_shape"]) or meta["num_classes"] != num_classes:
+        raise ValueError(f"{path} was trained for images {meta['image_shape']} and {meta['num_classes']} "
+                         f"classes, not {list(images.shape[1:])} and {num_classes}")
+    model = FeatureClassifier(num_classes)
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[0].argmax(-1))
+    return np.concatenate([np.asarray(apply(params, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])

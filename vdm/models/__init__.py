@@ -27,6 +27,12 @@ only with train=True and needs the 'dropout' rng.
 ``dtype`` ('float32' or 'bfloat16') is the compute dtype; parameters and
 outputs are float32.
 
+Noise-conditional classifiers (classifier guidance) are in ``CLASSIFIERS`` and built by
+
+    build_classifier(model_config, data_shape, num_classes, time_range) -> nn.Module
+
+called as ``module.apply({"params": params}, x_t, log_snr, train=False)`` -> logits [B, num_classes].
+
 The learned VDM schedule is ``LearnedLogSNR`` (schedule_net.py), a module
 whose ``apply(params, t)`` is a t -> log_snr(t) schedule function.
 """
@@ -37,12 +43,15 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vdm.models.noisy_classifier import NoisyClassifier
 from vdm.models.registry import NETWORKS
 from vdm.models.schedule_net import LearnedLogSNR
 from vdm.models.toy import MLP, MeanVarNets, PerStepHeads  # importing a network module registers it
 from vdm.models.unet import UNet
 from vdm.models.vdm_net import VDMNet
 _SET_BY_BUILD = ("learned_variance", "num_classes")
+CLASSIFIERS = {"noisy_classifier": NoisyClassifier}
+_SET_BY_BUILD_CLASSIFIER = ("num_classes", "time_range")
 
 
 def build_model(model_config, data_shape, learned_variance: bool = False, num_classes: int = 0) -> nn.Module:
@@ -65,4 +74,26 @@ def build_model(model_config, data_shape, learned_variance: bool = False, num_cl
     return module.clone(dtype=jnp.dtype(module.dtype), param_dtype=jnp.dtype(module.param_dtype))
 
 
-__all__ = ["NETWORKS", "build_model", "LearnedLogSNR", "UNet", "VDMNet", "MLP", "PerStepHeads", "MeanVarNets"]
+def build_classifier(model_config, data_shape, num_classes: int, time_range) -> nn.Module:
+    """The classifier ``model_config.name`` (in ``CLASSIFIERS``) for ``num_classes`` classes (from the data)
+    conditioned on the log-SNR, ``time_range`` the training levels' (largest, smallest) log-SNR."""
+    fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    name = fields.pop("name", None)
+    if name not in CLASSIFIERS:
+        raise ValueError(f"model.name must be one of {tuple(CLASSIFIERS)} for a classifier, got {name!r}")
+    cls = CLASSIFIERS[name]
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+    for field in fields:
+        if field in _SET_BY_BUILD_CLASSIFIER:
+            raise ValueError(f"model.{field} is set from the data and the forward process; remove it from the "
+                             "model section")
+        if field not in allowed:
+            raise ValueError(f"model.{field} is not a field of the {name!r} classifier; its fields are "
+                             f"{[f for f in allowed if f not in _SET_BY_BUILD_CLASSIFIER]}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    module = cls(**fields, num_classes=int(num_classes), time_range=tuple(float(v) for v in time_range))
+    module.check(tuple(data_shape))
+    return module.clone(dtype=jnp.dtype(module.dtype), param_dtype=jnp.dtype(module.param_dtype))
+
+
+__all__ = ["NETWORKS", "CLASSIFIERS", "build_model", "build_classifier", "NoisyClassifier", "LearnedLogSNR", "UNet", "VDMNet", "MLP", "PerStepHeads", "MeanVarNets"]

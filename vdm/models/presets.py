@@ -65,6 +65,14 @@ def digits_unet():
     return _unet(32, (1, 2), 2, (4,), 0.0, num_groups=8)
 
 
+def digits_noisy_classifier():
+    """The noise-conditional classifier of classifier guidance for the 8x8 digits: the encoder half of
+    ``digits_unet`` (ch 32, mults (1, 2), 2 blocks per level, no attention but the middle one's) and a
+    mean-pooled linear head (``models.noisy_classifier``)."""
+    return _section(name="noisy_classifier", ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(),
+                    dropout=0.0, num_heads=1, num_groups=8, dtype="float32")
+
+
 def toy_mlp():
     """Time-conditioned MLP for 1-D and 2-D toy data: 3 SiLU layers of 128 units, t embedding 32."""
     return _section(name="mlp", hidden=128, depth=3, embed_dim=32, dtype="float32")
@@ -84,3 +92,4 @@ def mean_var_mlp4():
 
 PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_unet128, lucidrains_unet64, vdm_cifar10, digits_unet, toy_mlp,
                                    step_heads_mlp128, mean_var_mlp4)}
+CLASSIFIER_PRESETS = {f.__name__: f for f in (digits_noisy_classifier,)}  # models.build_classifier sections
