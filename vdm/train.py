@@ -40,9 +40,10 @@ from vdm import build
 from vdm import checkpoints
 from vdm import config as config_lib
 from vdm import data as data_lib
+from vdm import parallel
 from vdm import viz
 
-AXIS = "batch"
+AXIS = parallel.PMAP_AXIS
 
 
 # ---------------------------------------------------------------------------
@@ -108,14 +109,16 @@ def optimizer_stepped(optimizer, opt_state) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def global_example_index(per_device_batch: int):
-    """Global indices of this device's examples: device d (over all hosts) holds
-    examples d * per_device_batch ... (d + 1) * per_device_batch - 1 of the global batch."""
-    return jax.lax.axis_index(AXIS) * per_device_batch + jnp.arange(per_device_batch)
+def global_example_index(per_device_batch: int, reductions: parallel.Reductions = parallel.PMAP):
+    """Global indices of this shard's examples: shard d (over all hosts) holds examples
+    d * per_device_batch ... (d + 1) * per_device_batch - 1 of the global batch (under the
+    mesh the step sees the whole global batch: one shard)."""
+    return reductions.shard_index() * per_device_batch + jnp.arange(per_device_batch)
 
 
-def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
-    """(key, index) of this device's examples at train step ``step``.
+def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int,
+                         reductions: parallel.Reductions = parallel.PMAP):
+    """(key, index) of this shard's examples at train step ``step``.
 
     With accumulation over k = ``accum_steps`` micro-batches, the micro-batches of one
     update are one combined batch of k global batches: the key is folded from the update
@@ -124,33 +127,36 @@ def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
     as one step over the combined batch (k = 1: key from the step, indices 0 .. B - 1).
     """
     update, micro = jnp.divmod(step, accum_steps)
-    global_batch = per_device_batch * jax.lax.psum(1, AXIS)
-    return jax.random.fold_in(rng, update), micro * global_batch + global_example_index(per_device_batch)
+    global_batch = per_device_batch * reductions.num_shards()
+    return (jax.random.fold_in(rng, update),
+            micro * global_batch + global_example_index(per_device_batch, reductions))
 
 
-def train_step(state: TrainState, batch, *, objective, optimizer, optim):
-    """One optimisation step on this device's share of the global batch (run under pmap).
+def train_step(state: TrainState, batch, *, objective, optimizer, optim,
+               reductions: parallel.Reductions = parallel.PMAP):
+    """One optimisation step on this shard of the global batch: one device's share under
+    pmap (``parallel.PMAP``), the whole global batch under the mesh jit.
 
     The loss is the mean over the global batch of per-example losses; gradients
-    and metrics are averaged over devices with ``lax.pmean``. The importance
-    sampler's history (if any) is updated with the losses of the whole global
-    batch, gathered in global example order.
+    and metrics are averaged over devices with ``reductions.mean`` (``lax.pmean`` under
+    pmap). The importance sampler's history (if any) is updated with the losses of the
+    whole global batch, gathered in global example order.
     """
     x = batch["x"]
-    key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps)
+    key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps, reductions)
 
     def mean_loss(params):
         per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
         return per_example.mean(), aux
 
     (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
+    grads = reductions.shard_grads(reductions.mean(grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_rate = jnp.where(optimizer_stepped(optimizer, opt_state), 1.0 - ema_decay(optim, state.step), 0.0)
     ema_params = optax.incremental_update(params, state.ema_params, ema_rate)
-    loss_state = objective.update_loss_state(state.loss_state, jax.lax.all_gather(aux, AXIS, tiled=True))
-    metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
+    loss_state = objective.update_loss_state(state.loss_state, reductions.gather(aux))
+    metrics = {"loss": reductions.mean(loss), "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=opt_state, loss_state=loss_state)
     return new_state, metrics
@@ -160,11 +166,15 @@ def make_p_train(objective, optimizer, optim) -> Callable:
     """pmapped ``(state, batches) -> (state, metrics)``; batches are [devices, k, per_device, ...]
     and the k steps run in one ``lax.scan`` (metrics come back with a leading k axis)."""
     step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim)
+    return parallel.pmap_steps(step)
 
-    def multi_step(state, batches):
-        return jax.lax.scan(step, state, batches)
 
-    return jax.pmap(multi_step, axis_name=AXIS)
+def make_runner(train_cfg: ml_collections.ConfigDict, objective, optimizer, optim, state_template):
+    """The ``vdm.parallel`` runner ``train_cfg.parallelism`` names ("pmap" or "mesh"), over all
+    devices, running ``train_step`` and ``eval_step``."""
+    step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim)
+    evaluate_step = functools.partial(eval_step, objective=objective)
+    return parallel.make_runner(train_cfg, step, evaluate_step, state_template)
 
 
 # ---------------------------------------------------------------------------
@@ -172,26 +182,28 @@ def make_p_train(objective, optimizer, optim) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def eval_step(params, loss_state, batch, rng, batch_index, *, objective):
+def eval_step(params, loss_state, batch, rng, batch_index, *, objective,
+              reductions: parallel.Reductions = parallel.PMAP):
     """Sums over one eval batch of the held-out loss and of the -ELBO estimate (bits/dim),
     over the real examples (``batch["mask"]``), with per-example keys as in training."""
     x, mask = batch["x"], batch["mask"]
-    key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0])
+    key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0], reductions)
     loss, _ = objective.loss(params, key, index, x, loss_state, False)
     bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, build.example_keys(key, index), x)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
-    return jax.lax.psum(sums, AXIS)
+    return reductions.sum(sums)
 
 
-def evaluate(p_eval, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
-    """Means over the held-out split (its first ``eval_cfg.num_batches`` batches; 0 = all)."""
+def evaluate(eval_sums, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
+    """Means over the held-out split (its first ``eval_cfg.num_batches`` batches; 0 = all);
+    ``eval_sums`` is a runner's (``vdm.parallel``): one batch's sums as Python floats."""
     totals = {}
     for i, batch in enumerate(eval_ds.iterate_epoch(eval_cfg.batch_size)):
         if eval_cfg.num_batches and i >= eval_cfg.num_batches:
             break
-        sums = jax.device_get(p_eval(ema_params, loss_state, batch, rng, np.int32(i)))
+        sums = eval_sums(ema_params, loss_state, batch, rng, np.int32(i))
         for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v[0])
+            totals[k] = totals.get(k, 0.0) + v
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
 
@@ -365,16 +377,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_rng, sample_rng = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
 
     manager = checkpoints.checkpoint_manager(workdir, train)
-    host_state = checkpoints.restore_or_init(manager, init)
-    step = int(host_state.step)
+    runner = make_runner(train, setup.objective, optimizer, optim, init)
+    state = runner.place_state(checkpoints.restore_or_init(manager, init, runner.restore_target(init)))
+    step = int(runner.host(state.step))
     log = _Log(workdir, chief)
     log.console(f"{'resumed from' if step else 'starting at'} step {step}; "
                 f"{jax.process_count()} process(es), {jax.device_count()} device(s), "
-                f"global batch {train.batch_size}")
-    state = flax.jax_utils.replicate(host_state, axis_name=AXIS)  # the sharding pmap outputs
-    p_train = make_p_train(setup.objective, optimizer, optim)
-    p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
-                      in_axes=(0, 0, 0, None, None))
+                f"global batch {train.batch_size}, parallelism {runner.name}"
+                + (f" (mesh {dict(runner.mesh.shape)})" if runner.name == "mesh" else ""))
     # The best factorized model of the split (per-pixel categorical), beside the -ELBO in the log.
     baseline = (baselines.reference_bpd(train_ds.iterate_epoch(config.eval.batch_size),
                                         eval_ds.iterate_epoch(config.eval.batch_size))
@@ -384,14 +394,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tick, tick_step = time.time(), step
     while step < train.num_steps:
         batches = _stack_steps([train_ds.get_batch(step + j) for j in range(k)])
-        last_state, (state, metrics) = state, p_train(state, batches)
-        metrics = jax.tree.map(lambda v: np.asarray(v[0]), jax.device_get(metrics))
+        last_state, (state, metrics) = state, runner.train(state, runner.place_batches(batches))
+        metrics = runner.host_metrics(metrics)
         if not _all_finite(metrics):
             manager.wait_until_finished()
             raise FloatingPointError(
                 f"non-finite loss or gradient in steps {step + 1}..{step + k}: "
                 f"loss={metrics['loss'].tolist()}, grad_norm={metrics['grad_norm'].tolist()}. "
-                + diagnose_non_finite(setup, optimizer, optim, last_state, batches, step)
+                + diagnose_non_finite(setup, optimizer, optim, runner.replicated_host_state(last_state),
+                                      batches, step)
                 + ". Stopped without saving; " + (
                     f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}."
                     if manager.latest_step() is not None else f"no checkpoint yet in {manager.directory}."))
@@ -406,14 +417,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             log.console(f"step {step}/{train.num_steps} | loss {scalars['loss']:.4f} | "
                         f"eval bpd {last_bpd} | {rate:.1f} steps/s")
         if step % config.eval.every == 0 or done:
-            scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
+            scores = evaluate(runner.eval_sums, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
             if baseline is not None:
                 scores["pixel_baseline_bpd"] = baseline["mean"]
             last_bpd = f"{scores['eval_bpd']:.3f}"
             log.write(step, scores)
             log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+            ema_params = runner.host(state.ema_params) if config.sample.num_samples > 0 else None
             if chief and config.sample.num_samples > 0:
-                samples = setup.sample(checkpoints.unreplicate(state.ema_params), jax.random.fold_in(sample_rng, step))
+                samples = setup.sample(ema_params, jax.random.fold_in(sample_rng, step))
                 samples = np.asarray(samples)
                 path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), samples)
                 bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
@@ -421,9 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                             + (f" ({bad} of {len(samples)} samples not finite, left out)" if bad else ""))
             tick = time.time()  # do not count evaluation in steps/s
         if step % train.checkpoint_every == 0 or done:
-            manager.save(step, args=ocp.args.StandardSave(checkpoints.unreplicate(state)))
+            manager.save(step, args=ocp.args.StandardSave(runner.checkpoint_view(state)))
             log.console(f"checkpoint step {step} saving")
     manager.wait_until_finished()
     manager.close()
     log.close()
-    return checkpoints.unreplicate(state)
+    return runner.host(state)
