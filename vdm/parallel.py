@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -147,13 +147,21 @@ def to_host(tree):
 
 def abstract(tree, shardings):
     """ShapeDtypeStructs with shardings: the target an Orbax restore fills shard by shard."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x), sharding=s),
-                        tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
 # ---------------------------------------------------------------------------
 # Runners: the training loop's view of a parallelism.
 # ---------------------------------------------------------------------------
+
+
+def replicate(tree, devices=None):
+    """Host arrays -> pmap's replicated layout: a leading axis of size len(devices) (default: the
+    local devices), one copy per device (``jax.device_put`` with a NamedSharding, in place of the
+    deprecated ``device_put_replicated`` behind ``flax.jax_utils.replicate``)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    sharding = NamedSharding(Mesh(np.asarray(devices, dtype=object), (PMAP_AXIS,)), P(PMAP_AXIS))
+    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (len(devices),) + np.shape(x)), sharding), tree)
 
 
 def pmap_steps(step: Callable, devices=None) -> Callable:
@@ -181,10 +189,7 @@ class PmapRunner:
         return host_state
 
     def place_state(self, host_state):
-        """Replicate host arrays onto the devices: a leading axis of size len(devices)."""
-        n = len(self.devices)
-        return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n,) + np.shape(x)), self._sharding),
-                            host_state)
+        return replicate(host_state, self.devices)
 
     def place_batches(self, batches: dict) -> dict:
         return {k: jax.device_put(v, self._sharding) for k, v in batches.items()}
@@ -220,10 +225,10 @@ class MeshRunner:
         self.shardings = state_shardings(state_template, mesh, fsdp_min_size)
         self.replicated = NamedSharding(mesh, P())
         self._rows = NamedSharding(mesh, P(BATCH_AXES))
-        self._steps_rows = NamedSharding(mesh, P(None, BATCH_AXES))
+        self.batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))
         step = functools.partial(train_step, reductions=mesh_reductions(self.shardings.params))
         self.train = jax.jit(lambda state, batches: jax.lax.scan(step, state, batches),
-                             in_shardings=(self.shardings, self._steps_rows),
+                             in_shardings=(self.shardings, self.batch_sharding),
                              out_shardings=(self.shardings, self.replicated),
                              donate_argnums=(0,) if donate else ())
         self._eval = jax.jit(functools.partial(eval_step, reductions=mesh_reductions()),
@@ -247,7 +252,7 @@ class MeshRunner:
         for key, v in batches.items():
             v = np.asarray(v)
             local = np.swapaxes(v, 0, 1).reshape((v.shape[1], v.shape[0] * v.shape[2]) + v.shape[3:])
-            out[key] = self._global(local, self._steps_rows, 1)
+            out[key] = self._global(local, self.batch_sharding, 1)
         return out
 
     def host_metrics(self, metrics: dict) -> dict:
@@ -282,5 +287,5 @@ def make_runner(train_cfg, train_step: Callable, eval_step: Callable, state_temp
 
 def per_device_bytes(tree, shardings) -> int:
     """Bytes one device holds of ``tree`` placed with ``shardings`` (replicated arrays count whole)."""
-    return sum(math.prod(s.shard_shape(np.shape(x))) * np.dtype(np.result_type(x)).itemsize
+    return sum(math.prod(s.shard_shape(np.shape(x))) * np.dtype(x.dtype).itemsize
                for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))

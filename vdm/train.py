@@ -1,21 +1,23 @@
-"""Training: the TrainState, the optimiser, the pmapped train step, evaluation, the loop.
+"""Training: the TrainState, the optimiser, the train step, evaluation, the loop.
 
-The per-device step is written for one device's share of the global batch and
-wrapped in ``jax.pmap(axis_name="batch")``; gradients and metrics are averaged
-with ``lax.pmean``. Every example draws its randomness (timestep, noise,
-dropout) from a key folded from (seed, step, global example index), so a step
-gives the same result on 1, 2 or N devices and on any number of hosts (up to
-float rounding of the averages). Several steps can run per host call inside a
-``lax.scan``.
+The train step is written once for a shard of the global batch; its cross-device
+means, sums and gathers go through a ``vdm.parallel.Reductions``, so that
+``train.parallelism`` runs it either under ``jax.pmap(axis_name="batch")`` (one
+device's share, ``lax.pmean``) or as one ``jax.jit`` over a (data, fsdp) mesh (the
+global batch, sharded arrays, optionally FSDP-sharded parameters). Every example
+draws its randomness (timestep, noise, dropout) from a key folded from (seed, step,
+global example index), so a step gives the same result on 1, 2 or N devices, on any
+number of hosts and in either mode (up to float rounding of the averages). Several
+steps can run per host call inside a ``lax.scan``.
 
 The optimiser is Optax AdamW after global-norm clipping, with linear warmup
 then constant or cosine decay, optional gradient accumulation
 (``optax.MultiSteps``) and an exponential moving average of the parameters.
 The config is turned into the process, network, objective and sampler by
 ``vdm.build``. Checkpoints go through ``vdm.checkpoints`` (an Orbax
-``CheckpointManager``: async, atomic) and hold the whole TrainState; the data
-position is the step, so a rerun in the same workdir continues exactly where the
-last checkpoint left off.
+``CheckpointManager``: async, atomic) and hold the whole TrainState (under the mesh
+as sharded arrays, restorable on another mesh); the data position is the step, so a
+rerun in the same workdir continues exactly where the last checkpoint left off.
 """
 from __future__ import annotations
 
@@ -169,12 +171,17 @@ def make_p_train(objective, optimizer, optim) -> Callable:
     return parallel.pmap_steps(step)
 
 
+def step_functions(objective, optimizer, optim) -> tuple[Callable, Callable]:
+    """(``train_step``, ``eval_step``) bound to the objective and optimiser; a ``vdm.parallel``
+    runner supplies their ``reductions``."""
+    return (functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim),
+            functools.partial(eval_step, objective=objective))
+
+
 def make_runner(train_cfg: ml_collections.ConfigDict, objective, optimizer, optim, state_template):
     """The ``vdm.parallel`` runner ``train_cfg.parallelism`` names ("pmap" or "mesh"), over all
-    devices, running ``train_step`` and ``eval_step``."""
-    step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim)
-    evaluate_step = functools.partial(eval_step, objective=objective)
-    return parallel.make_runner(train_cfg, step, evaluate_step, state_template)
+    devices of all processes."""
+    return parallel.make_runner(train_cfg, *step_functions(objective, optimizer, optim), state_template)
 
 
 # ---------------------------------------------------------------------------
