@@ -13,7 +13,10 @@ operations go through a ``Reductions``:
   sums of the global batch and XLA's partitioner inserts the collectives.
 
 Both compute the mean over the global batch of per-example losses whose keys
-come from (seed, step, global example index), so they give the same numbers.
+come from (seed, step, global example index), so they give the same numbers. (Not
+with dropout > 0: ``vdm.build`` draws one dropout key per shard, from the shard's
+first example index, so the masks differ between modes, as between pmap device
+counts.)
 
 Parameter sharding (``train.fsdp`` = F > 1): every parameter, EMA parameter and
 optimiser-state array with at least ``train.fsdp_min_size`` elements is split over
@@ -123,15 +126,13 @@ def state_shardings(state, mesh: Mesh, min_size: int):
 
 
 def place(tree, shardings):
-    """Host (or differently placed) arrays -> global jax.Arrays with ``shardings``. Every process
-    passes the same values; each puts only its own devices' slices (no cross-host copies).
-    Arrays already placed with the target sharding are kept."""
+    """Host arrays -> global jax.Arrays with ``shardings`` (every process passes the same values
+    and puts only its own devices' slices); jax.Arrays are resharded (kept when already placed so,
+    as a restore into ``abstract(..., shardings)`` returns them)."""
     def put(x, sharding):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        host = np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else None
-        if host is None:  # a sharded array of another layout: let jit reshard it
-            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.tree.map(put, tree, shardings)
 
@@ -178,12 +179,14 @@ class PmapRunner:
     name = "pmap"
 
     def __init__(self, train_step: Callable, eval_step: Callable, devices=None):
+        """``devices``: a subset of one process's devices; None: every device of every process
+        (each process feeds its local ones; pmap's collectives span the processes)."""
         self.devices = list(jax.local_devices() if devices is None else devices)
         mesh = Mesh(np.asarray(self.devices, dtype=object), (PMAP_AXIS,))
         self._sharding = NamedSharding(mesh, P(PMAP_AXIS))
-        self.train = pmap_steps(functools.partial(train_step, reductions=PMAP), self.devices)
+        self.train = pmap_steps(functools.partial(train_step, reductions=PMAP), devices)
         self._eval = jax.pmap(functools.partial(eval_step, reductions=PMAP), axis_name=PMAP_AXIS,
-                              in_axes=(0, 0, 0, None, None), devices=self.devices)
+                              in_axes=(0, 0, 0, None, None), devices=devices)
 
     def restore_target(self, host_state):
         return host_state
