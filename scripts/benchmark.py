@@ -31,6 +31,7 @@ with and without prefetching, beside the step alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -46,7 +47,9 @@ import jax.extend.core  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-SECTIONS = ("limits", "train", "sample", "elbo", "input", "overlap")
+SECTIONS = ("limits", "train", "sample", "elbo", "input", "overlap", "memory")
+# overlap runs the training loop twice and memory compiles a 471M-parameter UNet: asked for by name
+DEFAULT_SECTIONS = SECTIONS[:5]
 DTYPES = ("float32", "bfloat16")
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, keyed by
@@ -346,7 +349,7 @@ class UNetBench:
 
     def train_args(self):
         """(pmapped multi-step train function, replicated state, batches) as the training loop uses them."""
-        import flax
+        from vdm import parallel
 
         tl, optim = self.train_lib, self.config.optim
         optimizer = tl.make_optimizer(optim, self.config.train.num_steps)
@@ -359,7 +362,7 @@ class UNetBench:
         x = jax.random.uniform(jax.random.PRNGKey(2), (n, self.k, self.batch // n) + self.image_shape,
                                minval=-1.0, maxval=1.0)
         p_train = tl.make_p_train(self.setup.objective, optimizer, optim)
-        return p_train, flax.jax_utils.replicate(state), {"x": x}
+        return p_train, parallel.replicate(state), {"x": x}
 
     def diffusion_kwargs(self):
         d = self.config.diffusion
@@ -513,8 +516,8 @@ def bench_input(jpeg_folder: str, workers: Sequence[int], batches: int, repeats:
     return results
 
 
-def fake_p_train(step_seconds: float) -> Callable:
-    """A stand-in for ``vdm.train.make_p_train`` (guarded signature): every step reads the mean
+def fake_multi_step(step_seconds: float) -> Callable:
+    """A stand-in for ``vdm.train.multi_step`` (guarded signature): every step reads the mean
     of its batch and waits ``step_seconds`` in a host callback, i.e. a device busy for that long
     that leaves the host's CPUs free, as an accelerator does."""
     def wait(x):
@@ -525,17 +528,17 @@ def fake_p_train(step_seconds: float) -> Callable:
         loss = jax.pure_callback(wait, jax.ShapeDtypeStruct((), jnp.float32), jnp.mean(batch["x"]))
         return state.replace(step=state.step + 1), {"loss": loss, "grad_norm": jnp.zeros((), jnp.float32)}
 
-    def make(objective, optimizer, optim, guard=False):
+    def make(reductions, **unused):
         def multi_step(state, batches, bad):
             state, metrics = jax.lax.scan(one_step, state, batches)
             return state, metrics, bad
-        return jax.pmap(multi_step, axis_name="batch")
+        return multi_step
     return make
 
 
 def overlap_config(jpeg_folder: str, batch: int, steps: int):
     """configs/image_folder.py (128 px, flips) with a tiny UNet (only its init and the final
-    evaluation run: the step is ``fake_p_train``), logging every 10 steps."""
+    evaluation run: the step is ``fake_multi_step``), logging every 10 steps."""
     import importlib.util
 
     from vdm import config as config_lib
@@ -559,22 +562,22 @@ def overlap_config(jpeg_folder: str, batch: int, steps: int):
 
 def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int, workers: int) -> dict:
     """Seconds per step of the real loop (``vdm.train.train_and_evaluate``) on the JPEG folder with
-    ``fake_p_train`` as its step, with the batches prefetched (train.prefetch = 2) and made
+    ``fake_multi_step`` as its step, with the batches prefetched (train.prefetch = 2) and made
     synchronously (0), beside the fake step alone (back to back on one placed batch) and the
     loader alone. Loop figures: the logged steps/s of every 10-step interval after the first."""
     import tempfile
 
-    import flax
-
+    from vdm import parallel
     from vdm import train as train_lib
 
-    make = fake_p_train(step_seconds)
-    p_train = make(None, None, None)
+    make = fake_multi_step(step_seconds)
+    runner = parallel.PmapRunner(make, lambda reductions: None)
+    p_train = runner.train
     ds = build_input(input_sources(jpeg_folder)["jpeg folder 128 px"][0], batch, workers)
-    batches = train_lib.batch_placement()(train_lib._stack_steps([ds.get_batch(0)]))
-    state = flax.jax_utils.replicate(train_lib.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
-                                                         rng=jnp.zeros(2, jnp.uint32), loss_state={}))
-    bad = flax.jax_utils.replicate(np.int32(-1))
+    batches = runner.place_batches(train_lib._stack_steps([ds.get_batch(0)]))
+    state = runner.place_state(train_lib.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
+                                                    rng=jnp.zeros(2, jnp.uint32), loss_state={}))
+    bad = runner.flag(-1)
     jax.block_until_ready(p_train(state, batches, bad))
     alone, load = [], []
     for _ in range(3):
@@ -590,8 +593,8 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
     ds.close()
     result = {"step_seconds_alone": summary(alone), "load_seconds_per_batch": summary(load), "batch": batch,
               "workers": workers, "steps": steps, "fake_step_seconds": step_seconds}
-    original = train_lib.make_p_train
-    train_lib.make_p_train = make
+    original = train_lib.multi_step
+    train_lib.multi_step = make
     try:
         for prefetch in (2, 0):
             config = overlap_config(jpeg_folder, batch, steps)
@@ -604,7 +607,7 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
             result[f"loop_prefetch_{prefetch}"] = {"seconds_per_step": per_step,
                                                    "over_step_alone": ratio(per_step, result["step_seconds_alone"])}
     finally:
-        train_lib.make_p_train = original
+        train_lib.multi_step = original
     return result
 
 
@@ -633,6 +636,100 @@ def input_rows(inputs: dict | None, overlap: dict | None) -> list[dict]:
 # ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Per-device memory of the mesh train step: replicated vs FSDP (compiled, not run).
+# ---------------------------------------------------------------------------
+
+# preset -> (image size, global batch): Ho et al.'s CIFAR-10 UNet at its training batch of 128;
+# the 471M ADM-layout UNet at 64x64 with 8 images per device of an 8-device mesh.
+MEMORY_PRESETS = {"ddpm_cifar10": (32, 128), "adm64_unet256": (64, 64)}
+
+
+def abstract_train_state(config, image_shape):
+    """(setup, optimizer, TrainState of ShapeDtypeStructs) of ``config``: nothing is initialised."""
+    import types
+
+    from vdm import build
+    from vdm import train as train_lib
+
+    data = types.SimpleNamespace(data_shape=tuple(image_shape), is_discrete_8bit=True)
+    setup = build.build_setup(config, data)
+    optimizer = train_lib.make_optimizer(config.optim, config.train.num_steps)
+    params = jax.eval_shape(setup.init_params, jax.random.PRNGKey(0))
+    state = train_lib.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params,
+        opt_state=jax.eval_shape(optimizer.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+        loss_state=jax.eval_shape(setup.objective.init_loss_state))
+    return setup, optimizer, state
+
+
+def bench_memory(preset: str, devices: int, dtype: str) -> dict:
+    """Per-device bytes of the mesh train step (``train.parallelism = mesh``) of ``preset`` on
+    ``devices`` devices, replicated (fsdp 1) and fully sharded (fsdp = devices), from XLA's
+    memory plan of the compiled step (``compiled.memory_analysis()``; the state is donated, as
+    a long run would): the state's arguments split into params + EMA params and optimizer
+    state (from the shardings), the batch, and the temporaries (activations, gradients,
+    gathered parameters)."""
+    from vdm import parallel
+    from vdm import train as train_lib
+    from vdm.models import presets
+
+    size, batch = MEMORY_PRESETS[preset]
+    config = unet_config(128, (1,), batch, dtype)
+    config.model = presets.PRESETS[preset]()
+    config.model.dtype = dtype
+    config.train.parallelism = "mesh"
+    setup, optimizer, state = abstract_train_state(config, (size, size, 3))
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    out = {"num_params": num_params, "image_size": size, "global_batch": batch, "devices": devices, "fsdp": {}}
+    for fsdp in sorted({1, devices}):
+        mesh = parallel.make_mesh(fsdp, jax.devices()[:devices])
+        steps = lambda reductions: train_lib.multi_step(reductions, objective=setup.objective,  # noqa: E731
+                                                        optimizer=optimizer, optim=config.optim)
+        evals = lambda reductions: functools.partial(train_lib.eval_step, objective=setup.objective,  # noqa: E731
+                                                     reductions=reductions)
+        runner = parallel.MeshRunner(steps, evals, state, mesh, config.train.fsdp_min_size, donate=True)
+        x = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.float32, sharding=runner.batch_sharding)
+        start = time.perf_counter()
+        flag = jax.ShapeDtypeStruct((), jnp.int32, sharding=runner.replicated)
+        compiled = runner.train.lower(parallel.abstract(state, runner.shardings), {"x": x}, flag).compile()
+        mem = compiled.memory_analysis()
+        sh = runner.shardings
+        weights = (parallel.per_device_bytes(state.params, sh.params)
+                   + parallel.per_device_bytes(state.ema_params, sh.ema_params))
+        out["fsdp"][fsdp] = {
+            "compile_s": time.perf_counter() - start,
+            "params_and_ema_bytes": weights,
+            "opt_state_bytes": parallel.per_device_bytes(state.opt_state, sh.opt_state),
+            "batch_bytes": int(np.prod(x.sharding.shard_shape(x.shape))) * 4,
+            "argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+            "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+            "peak_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                              - mem.alias_size_in_bytes)}
+        print(f"memory {preset} fsdp {fsdp}: compiled in {out['fsdp'][fsdp]['compile_s']:.0f} s", flush=True)
+    rep, shard = out["fsdp"][1], out["fsdp"][devices]
+    state_bytes = lambda r: r["params_and_ema_bytes"] + r["opt_state_bytes"]  # noqa: E731
+    out["state_ratio"] = state_bytes(shard) / state_bytes(rep)
+    out["peak_ratio"] = shard["peak_bytes"] / rep["peak_bytes"]
+    return out
+
+
+def memory_table(name: str, m: dict) -> str:
+    """The memory section of one preset: MiB per device, replicated beside fsdp."""
+    cols = sorted(m["fsdp"], key=int)
+    head = f"per-device memory, {name} ({m['num_params'] / 1e6:.1f}M params, {m['image_size']}x{m['image_size']}, " \
+           f"global batch {m['global_batch']}, {m['devices']} devices), MiB: " + " | ".join(
+               "replicated" if int(c) == 1 else f"fsdp {c}" for c in cols)
+    lines = [head]
+    for key, what in (("params_and_ema_bytes", "params + EMA"), ("opt_state_bytes", "Adam state"),
+                      ("batch_bytes", "batch"), ("temp_bytes", "temporaries (activations, grads)"),
+                      ("peak_bytes", "XLA peak (args + outputs + temps - donated)")):
+        lines.append(f"  {what:45s}" + " | ".join(f"{m['fsdp'][c][key] / 2 ** 20:10.0f}" for c in cols))
+    lines.append(f"  params + EMA + Adam state, fsdp / replicated: {m['state_ratio']:.3f}; "
+                 f"peak: {m['peak_ratio']:.3f}")
+    return "\n".join(lines)
 
 
 def fmt(stats: dict | None, digits: int = 1) -> str:
@@ -716,7 +813,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per figure (after one warm-up)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     p.add_argument("--sizes", default=",".join(UNET_SIZES), help=f"UNet sizes, subset of {tuple(UNET_SIZES)}")
     p.add_argument("--train-batch", type=int, default=None,
                    help="global training batch for every size (default: small 32, base 16)")
@@ -738,8 +835,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap-steps", type=int, default=80, help="steps of each overlap loop run")
     p.add_argument("--overlap-workers", type=int, default=0, help="data.workers of the overlap runs (0: auto)")
     p.add_argument("--json", default="benchmark.json", help="where to write the results")
+    p.add_argument("--memory-presets", default=",".join(MEMORY_PRESETS),
+                   help=f"model presets of the memory section, subset of {tuple(MEMORY_PRESETS)}")
+    p.add_argument("--memory-devices", type=int, default=8,
+                   help="devices of the memory section's mesh (CPU: that many forced host devices)")
     args = p.parse_args(argv)
-    for name, allowed in (("only", SECTIONS), ("sizes", tuple(UNET_SIZES)), ("elbo_sizes", tuple(UNET_SIZES))):
+    for name, allowed in (("only", SECTIONS), ("sizes", tuple(UNET_SIZES)), ("elbo_sizes", tuple(UNET_SIZES)),
+                          ("memory_presets", tuple(MEMORY_PRESETS))):
         value = [v for v in getattr(args, name).split(",") if v]
         bad = [v for v in value if v not in allowed]
         if bad:
@@ -757,7 +859,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.overlap_step_ms <= 0 or args.overlap_workers < 0:
         p.error("--overlap-step-ms must be > 0 and --overlap-workers >= 0")
     for name in ("repeats", "steps_per_call", "sample_steps", "compile_steps", "elbo_batch", "elbo_chunk",
-                 "input_batches"):
+                 "input_batches", "memory_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.train_batch is not None and args.train_batch < 1:
@@ -767,6 +869,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if "memory" in args.only and jax.devices()[0].platform == "cpu" and jax.device_count() < args.memory_devices:
+        raise SystemExit(f"--memory-devices {args.memory_devices}: this process has {jax.device_count()} CPU "
+                         f"device(s); run with XLA_FLAGS=--xla_force_host_platform_device_count="
+                         f"{args.memory_devices}")
     if "sample" in args.only:
         from vdm import samplers
 
@@ -797,7 +903,7 @@ def main(argv=None) -> dict:
         first["conv"] = bench_conv(32, 32, 128, args.dtype)
     if "train" in args.only:
         first.update({f"train {size}": bench_train(benches[size]) for size in args.sizes})
-    done = run_interleaved(first, args.repeats)
+    done = run_interleaved(first, args.repeats) if first else {}
     conv_limits = None
     if "limits" in args.only:
         results["limits"] = lim = {"matmul": done["matmul"], "conv": done["conv"]}
@@ -833,13 +939,19 @@ def main(argv=None) -> dict:
             results["overlap"] = bench_overlap(folder, args.overlap_step_ms / 1e3, args.overlap_steps, 32,
                                                args.overlap_workers)
         scratch.cleanup()
+    if "memory" in args.only:
+        results["memory"] = {name: bench_memory(name, args.memory_devices, args.dtype)
+                             for name in args.memory_presets}
     rows: list[dict] = []
     if "limits" in results:
         rows += limits_rows(results["limits"])
     for size in sizes:
         rows += unet_rows(size, results["unet"][size], conv_limits, peak)
     rows += input_rows(results.get("input"), results.get("overlap"))
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    for name, m in results.get("memory", {}).items():
+        print(memory_table(name, m))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {args.json}")

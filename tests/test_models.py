@@ -15,6 +15,7 @@ KEY = jax.random.PRNGKey(0)
 # Every preset, shrunk (width, depth, image size) but keeping its structure.
 SMALL = {
     "ddpm_cifar10": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 3)),  # attention at 16 = level 0
+    "adm64_unet256": (dict(ch=16, num_res_blocks=1, num_groups=8, attn_resolutions=(8, 4, 2)), (16, 16, 3)),
     "mnist_unet128": (dict(ch=16, num_res_blocks=1, num_groups=8), (16, 16, 1)),
     "lucidrains_unet64": (dict(ch=16, num_res_blocks=1), (16, 16, 3)),  # lucidrains_unet64(16): attention at 2x2
     "vdm_cifar10": (dict(ch=16, num_blocks=2, num_groups=8, attention=True), (8, 8, 3)),
@@ -106,6 +107,13 @@ def test_ddpm_cifar10_has_35_7m_parameters():
     x = jnp.zeros((1, 32, 32, 3))
     count = n_params(jax.eval_shape(model.init, KEY, x, jnp.zeros((1,))))
     assert abs(count - 35.7e6) / 35.7e6 < 0.005, count
+
+
+def test_adm64_unet256_has_about_half_a_billion_parameters():
+    """The FSDP benchmark's large preset: 471M parameters at 64x64 (traced, not compiled)."""
+    model = build_model(presets.adm64_unet256(), (64, 64, 3))
+    count = n_params(jax.eval_shape(model.init, KEY, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,))))
+    assert 0.45e9 < count < 0.5e9, count
 
 
 # --------------------------------------------------------------------------- a small conditional UNet

@@ -363,13 +363,12 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     """configs/image_folder.py at tiny size on a folder of real PNG/JPEG files: 2 updates of
     2 accumulated micro-batches of 4 give the params and EMA params of 2 steps over the
     combined batches of 8 (same per-example t and noise: keys follow the update)."""
-    import flax
     import jax
     import jax.numpy as jnp
 
     import configs.image_folder as image_folder
     from tests.conftest import make_image_folder
-    from vdm import build, checkpoints, data, train
+    from vdm import build, checkpoints, data, parallel, train
 
     folder, _ = make_image_folder(tmp_path / "images")
     c = image_folder.get_config()
@@ -390,7 +389,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
         state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
                                  rng=jax.random.PRNGKey(1), loss_state={})
         p_train = train.make_p_train(setup.objective, tx, optim)
-        state, _ = p_train(flax.jax_utils.replicate(state), {"x": np.stack(xs, axis=1)})
+        state, _ = p_train(parallel.replicate(state), {"x": np.stack(xs, axis=1)})
         return checkpoints.unreplicate(state)
 
     accumulated = run(c.optim, 4, batches)

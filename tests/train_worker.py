@@ -27,15 +27,8 @@ def tiny_config():
     return c
 
 
-def main(workdir, devices, args):
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jax
-    import numpy as np
-
-    from vdm import train
-
+def configure(args):
+    """The tiny config with ``section.field=value`` overrides and ``--process=I/N@PORT``."""
     config = tiny_config()
     for arg in args:
         if arg.startswith("--process"):
@@ -47,11 +40,28 @@ def main(workdir, devices, args):
         key, value = arg.split("=", 1)
         section, field = key.split(".")
         config[section][field] = type(config[section][field])(eval(value))
-    train.setup_distributed(config.train)
-    state = train.train_and_evaluate(config, workdir)
+    return config
+
+
+def save_state(workdir, state):
+    """One array per leaf of the TrainState, named by its path, in WORKDIR/state_<process>.npz."""
+    import jax
+    import numpy as np
+
     leaves = jax.tree_util.tree_leaves_with_path(state)
     np.savez(os.path.join(workdir, f"state_{jax.process_index()}.npz"),
              **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+
+
+def main(workdir, devices, args):
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from vdm import train
+
+    config = configure(args)
+    train.setup_distributed(config.train)
+    save_state(workdir, train.train_and_evaluate(config, workdir))
     print("worker done", flush=True)
 
 

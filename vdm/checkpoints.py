@@ -47,13 +47,19 @@ def restore_params(workdir: str, train: ml_collections.ConfigDict, step: int = -
     return jax.device_put(state["params" if raw else "ema_params"]), step
 
 
-def restore_or_init(manager: ocp.CheckpointManager, init_state):
+def restore_or_init(manager: ocp.CheckpointManager, init_state, target=None):
     """The latest complete checkpoint if there is one, else ``init_state`` (a host-array
-    ``vdm.train.TrainState``, also the template the checkpoint is restored into)."""
+    ``vdm.train.TrainState``).
+
+    ``target`` is the tree the checkpoint is restored into: host arrays (default:
+    ``init_state``), or ``jax.ShapeDtypeStruct`` s with shardings (``vdm.parallel.abstract``),
+    which Orbax fills shard by shard, each process reading only its devices' slices, on any
+    mesh (the saved arrays' device count and sharding do not matter).
+    """
     step = manager.latest_step()
     if step is None:
         return init_state
-    return manager.restore(step, args=ocp.args.StandardRestore(init_state))
+    return manager.restore(step, args=ocp.args.StandardRestore(init_state if target is None else target))
 
 
 def unreplicate(tree):

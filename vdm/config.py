@@ -20,6 +20,7 @@ from vdm import data as data_lib
 from vdm import diffusion as diffusion_lib
 from vdm import losses
 from vdm import models
+from vdm import parallel
 from vdm import samplers
 from vdm import schedules
 from vdm.models import presets
@@ -69,8 +70,15 @@ def defaults() -> ml_collections.ConfigDict:
         b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=3000, batch_size=64, steps_per_call=1, log_every=100, checkpoint_every=1000,
+<<<<<<< HEAD
         keep_checkpoints=2, prefetch=2,  # host calls whose batches a thread prepares ahead (0: none)
         distributed=False, coordinator_address="", num_processes=1, process_id=0))
+=======
+        keep_checkpoints=2, distributed=False, coordinator_address="", num_processes=1, process_id=0,
+        parallelism="pmap",         # pmap (replicated, jax.pmap) | mesh (one jit over a (data, fsdp) mesh)
+        fsdp=1,                     # mesh: size of the fsdp axis the parameters and optimizer state are split over
+        fsdp_min_size=1024))        # mesh: arrays with fewer elements stay replicated
+>>>>>>> i15
     c.eval = ml_collections.ConfigDict(dict(
         every=1000, batch_size=100, num_batches=0,  # 0 = the whole held-out split
         elbo="mc", elbo_samples=8, elbo_chunk=50))
@@ -144,6 +152,23 @@ def validate_train(train: ml_collections.ConfigDict) -> None:
     if train.batch_size % n:
         _fail("train.batch_size", train.batch_size,
               f"must be divisible by the number of devices ({n}); e.g. {n * max(train.batch_size // n, 1)}")
+    validate_parallelism(train)
+
+
+def validate_parallelism(train: ml_collections.ConfigDict) -> None:
+    """``train.parallelism`` and the mesh's fsdp axis (``vdm.parallel``): the mesh is
+    (devices / fsdp, fsdp) over all devices of all processes, so fsdp must divide the device count."""
+    _require("train", train, ("parallelism", "fsdp", "fsdp_min_size"))
+    _one_of(train, "parallelism", "train", parallel.PARALLELISMS)
+    _int_at_least(train, "fsdp", "train", 1)
+    _int_at_least(train, "fsdp_min_size", "train", 0)
+    n = jax.device_count()
+    if train.parallelism == "pmap" and train.fsdp != 1:
+        _fail("train.fsdp", train.fsdp, "pmap replicates the parameters; set train.parallelism = 'mesh' "
+              "to shard them, or train.fsdp = 1")
+    if n % train.fsdp:
+        _fail("train.fsdp", train.fsdp, f"must divide the number of devices ({n}): the mesh is "
+              f"(data, fsdp) = ({n} / fsdp, fsdp)")
 
 
 def validate_distributed(train: ml_collections.ConfigDict) -> None:

@@ -1,12 +1,14 @@
-"""Training: the TrainState, the optimiser, the pmapped train step, evaluation, the loop.
+"""Training: the TrainState, the optimiser, the train step, evaluation, the loop.
 
-The per-device step is written for one device's share of the global batch and
-wrapped in ``jax.pmap(axis_name="batch")``; gradients and metrics are averaged
-with ``lax.pmean``. Every example draws its randomness (timestep, noise,
-dropout) from a key folded from (seed, step, global example index), so a step
-gives the same result on 1, 2 or N devices and on any number of hosts (up to
-float rounding of the averages). Several steps can run per host call inside a
-``lax.scan``.
+The train step is written once for a shard of the global batch; its cross-device
+means, sums and gathers go through a ``vdm.parallel.Reductions``, so that
+``train.parallelism`` runs it either under ``jax.pmap(axis_name="batch")`` (one
+device's share, ``lax.pmean``) or as one ``jax.jit`` over a (data, fsdp) mesh (the
+global batch, sharded arrays, optionally FSDP-sharded parameters). Every example
+draws its randomness (timestep, noise, dropout) from a key folded from (seed, step,
+global example index), so a step gives the same result on 1, 2 or N devices, on any
+number of hosts and in either mode (up to float rounding of the averages). Several
+steps can run per host call inside a ``lax.scan``.
 
 The loop never waits for the device between steps: a thread (``vdm.prefetch``) makes
 the batches of the next ``train.prefetch`` host calls and puts them on the devices
@@ -22,9 +24,9 @@ then constant or cosine decay, optional gradient accumulation
 (``optax.MultiSteps``) and an exponential moving average of the parameters.
 The config is turned into the process, network, objective and sampler by
 ``vdm.build``. Checkpoints go through ``vdm.checkpoints`` (an Orbax
-``CheckpointManager``: async, atomic) and hold the whole TrainState; the data
-position is the step, so a rerun in the same workdir continues exactly where the
-last checkpoint left off.
+``CheckpointManager``: async, atomic) and hold the whole TrainState (under the mesh
+as sharded arrays, restorable on another mesh); the data position is the step, so a
+rerun in the same workdir continues exactly where the last checkpoint left off.
 """
 from __future__ import annotations
 
@@ -50,10 +52,11 @@ from vdm import build
 from vdm import checkpoints
 from vdm import config as config_lib
 from vdm import data as data_lib
+from vdm import parallel
 from vdm import prefetch
 from vdm import viz
 
-AXIS = "batch"
+AXIS = parallel.PMAP_AXIS
 
 
 # ---------------------------------------------------------------------------
@@ -119,14 +122,16 @@ def optimizer_stepped(optimizer, opt_state) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def global_example_index(per_device_batch: int):
-    """Global indices of this device's examples: device d (over all hosts) holds
-    examples d * per_device_batch ... (d + 1) * per_device_batch - 1 of the global batch."""
-    return jax.lax.axis_index(AXIS) * per_device_batch + jnp.arange(per_device_batch)
+def global_example_index(per_device_batch: int, reductions: parallel.Reductions = parallel.PMAP):
+    """Global indices of this shard's examples: shard d (over all hosts) holds examples
+    d * per_device_batch ... (d + 1) * per_device_batch - 1 of the global batch (under the
+    mesh the step sees the whole global batch: one shard)."""
+    return reductions.shard_index() * per_device_batch + jnp.arange(per_device_batch)
 
 
-def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
-    """(key, index) of this device's examples at train step ``step``.
+def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int,
+                         reductions: parallel.Reductions = parallel.PMAP):
+    """(key, index) of this shard's examples at train step ``step``.
 
     With accumulation over k = ``accum_steps`` micro-batches, the micro-batches of one
     update are one combined batch of k global batches: the key is folded from the update
@@ -135,33 +140,36 @@ def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
     as one step over the combined batch (k = 1: key from the step, indices 0 .. B - 1).
     """
     update, micro = jnp.divmod(step, accum_steps)
-    global_batch = per_device_batch * jax.lax.psum(1, AXIS)
-    return jax.random.fold_in(rng, update), micro * global_batch + global_example_index(per_device_batch)
+    global_batch = per_device_batch * reductions.num_shards()
+    return (jax.random.fold_in(rng, update),
+            micro * global_batch + global_example_index(per_device_batch, reductions))
 
 
-def train_step(state: TrainState, batch, *, objective, optimizer, optim):
-    """One optimisation step on this device's share of the global batch (run under pmap).
+def train_step(state: TrainState, batch, *, objective, optimizer, optim,
+               reductions: parallel.Reductions = parallel.PMAP):
+    """One optimisation step on this shard of the global batch: one device's share under
+    pmap (``parallel.PMAP``), the whole global batch under the mesh jit.
 
     The loss is the mean over the global batch of per-example losses; gradients
-    and metrics are averaged over devices with ``lax.pmean``. The importance
-    sampler's history (if any) is updated with the losses of the whole global
-    batch, gathered in global example order.
+    and metrics are averaged over devices with ``reductions.mean`` (``lax.pmean`` under
+    pmap). The importance sampler's history (if any) is updated with the losses of the
+    whole global batch, gathered in global example order.
     """
     x = batch["x"]
-    key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps)
+    key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps, reductions)
 
     def mean_loss(params):
         per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
         return per_example.mean(), aux
 
     (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
+    grads = reductions.shard_grads(reductions.mean(grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_rate = jnp.where(optimizer_stepped(optimizer, opt_state), 1.0 - ema_decay(optim, state.step), 0.0)
     ema_params = optax.incremental_update(params, state.ema_params, ema_rate)
-    loss_state = objective.update_loss_state(state.loss_state, jax.lax.all_gather(aux, AXIS, tiled=True))
-    metrics = {"loss": jax.lax.pmean(loss, AXIS), "grad_norm": optax.tree.norm(grads)}
+    loss_state = objective.update_loss_state(state.loss_state, reductions.gather(aux))
+    metrics = {"loss": reductions.mean(loss), "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                               opt_state=opt_state, loss_state=loss_state)
     return new_state, metrics
@@ -182,22 +190,39 @@ def guarded_step(carry, batch, *, step: Callable):
     return (state, bad), metrics
 
 
-def make_p_train(objective, optimizer, optim, guard: bool = False) -> Callable:
-    """pmapped ``(state, batches) -> (state, metrics)``; batches are [devices, k, per_device, ...]
-    and the k steps run in one ``lax.scan`` (metrics come back with a leading k axis).
+def multi_step(reductions: parallel.Reductions, *, objective, optimizer, optim, guard: bool = True) -> Callable:
+    """k train steps in one ``lax.scan`` with the given cross-device ``reductions``: with ``guard``
+    ``(state, batches, bad) -> (state, metrics, bad)`` through ``guarded_step``, else
+    ``(state, batches) -> (state, metrics)``; batches carry a leading k axis, and so do the metrics."""
+    step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim,
+                             reductions=reductions)
+    if not guard:
+        return lambda state, batches: jax.lax.scan(step, state, batches)
 
-    With ``guard``: ``(state, batches, bad) -> (state, metrics, bad)``, the steps run through
-    ``guarded_step`` (non-finite steps leave the state as it was and set ``bad``, int32 per device)."""
-    step = functools.partial(train_step, objective=objective, optimizer=optimizer, optim=optim)
-
-    def multi_step(state, batches):
-        return jax.lax.scan(step, state, batches)
-
-    def guarded_multi_step(state, batches, bad):
+    def guarded(state, batches, bad):
         (state, bad), metrics = jax.lax.scan(functools.partial(guarded_step, step=step), (state, bad), batches)
         return state, metrics, bad
 
-    return jax.pmap(guarded_multi_step if guard else multi_step, axis_name=AXIS)
+    return guarded
+
+
+def make_p_train(objective, optimizer, optim, guard: bool = False) -> Callable:
+    """``multi_step`` under ``jax.pmap`` over the local devices: the state replicated, batches
+    [devices, k, per_device, ...], metrics [devices, k] (``bad``: int32 per device)."""
+    return jax.pmap(multi_step(parallel.PMAP, objective=objective, optimizer=optimizer, optim=optim, guard=guard),
+                    axis_name=AXIS)
+
+
+def make_runner(train_cfg: ml_collections.ConfigDict, objective, optimizer, optim, state_template):
+    """The ``vdm.parallel`` runner ``train_cfg.parallelism`` names ("pmap" or "mesh"), over all
+    devices of all processes, running the guarded ``multi_step`` and ``eval_step``."""
+    def steps(reductions):
+        return multi_step(reductions, objective=objective, optimizer=optimizer, optim=optim)
+
+    def evals(reductions):
+        return functools.partial(eval_step, objective=objective, reductions=reductions)
+
+    return parallel.make_runner(train_cfg, steps, evals, state_template)
 
 
 # ---------------------------------------------------------------------------
@@ -205,26 +230,28 @@ def make_p_train(objective, optimizer, optim, guard: bool = False) -> Callable:
 # ---------------------------------------------------------------------------
 
 
-def eval_step(params, loss_state, batch, rng, batch_index, *, objective):
+def eval_step(params, loss_state, batch, rng, batch_index, *, objective,
+              reductions: parallel.Reductions = parallel.PMAP):
     """Sums over one eval batch of the held-out loss and of the -ELBO estimate (bits/dim),
     over the real examples (``batch["mask"]``), with per-example keys as in training."""
     x, mask = batch["x"], batch["mask"]
-    key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0])
+    key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0], reductions)
     loss, _ = objective.loss(params, key, index, x, loss_state, False)
     bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, build.example_keys(key, index), x)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
-    return jax.lax.psum(sums, AXIS)
+    return reductions.sum(sums)
 
 
-def evaluate(p_eval, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
-    """Means over the held-out split (its first ``eval_cfg.num_batches`` batches; 0 = all)."""
+def evaluate(eval_sums, ema_params, loss_state, eval_ds, rng, eval_cfg) -> dict:
+    """Means over the held-out split (its first ``eval_cfg.num_batches`` batches; 0 = all);
+    ``eval_sums`` is a runner's (``vdm.parallel``): one batch's sums as Python floats."""
     totals = {}
     for i, batch in enumerate(eval_ds.iterate_epoch(eval_cfg.batch_size)):
         if eval_cfg.num_batches and i >= eval_cfg.num_batches:
             break
-        sums = jax.device_get(p_eval(ema_params, loss_state, batch, rng, np.int32(i)))
+        sums = eval_sums(ema_params, loss_state, batch, rng, np.int32(i))
         for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v[0])
+            totals[k] = totals.get(k, 0.0) + v
     count = totals.pop("count")
     return {k: v / count for k, v in totals.items()}
 
@@ -275,15 +302,6 @@ def _stack_steps(batches: list[dict]) -> dict:
 # Host calls dispatched ahead of the one the host waits for: enough to keep the device busy
 # while the host dispatches the next, few enough to bound the batches held on the devices.
 MAX_CALLS_IN_FLIGHT = 2
-
-
-def batch_placement() -> Callable:
-    """``place(tree)``: host batches [local devices, ...] put on the local devices the way
-    ``pmap`` shards its inputs (axis 0, in ``jax.local_devices()`` order), so a batch placed
-    ahead of its step is not copied again by the step."""
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-    return lambda tree: jax.device_put(tree, sharding)
 
 
 def _all_finite(metrics: dict) -> bool:
@@ -429,16 +447,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_rng, sample_rng = jax.random.fold_in(root, 2), jax.random.fold_in(root, 3)
 
     manager = checkpoints.checkpoint_manager(workdir, train)
-    host_state = checkpoints.restore_or_init(manager, init)
-    step = int(host_state.step)
+    runner = make_runner(train, setup.objective, optimizer, optim, init)
+    state = runner.place_state(checkpoints.restore_or_init(manager, init, runner.restore_target(init)))
+    step = int(runner.host(state.step))
     log = _Log(workdir, chief)
     log.console(f"{'resumed from' if step else 'starting at'} step {step}; "
                 f"{jax.process_count()} process(es), {jax.device_count()} device(s), "
-                f"global batch {train.batch_size}")
-    state = flax.jax_utils.replicate(host_state, axis_name=AXIS)  # the sharding pmap outputs
-    p_train = make_p_train(setup.objective, optimizer, optim)
-    p_eval = jax.pmap(functools.partial(eval_step, objective=setup.objective), axis_name=AXIS,
-                      in_axes=(0, 0, 0, None, None))
+                f"global batch {train.batch_size}, parallelism {runner.name}"
+                + (f" (mesh {dict(runner.mesh.shape)})" if runner.name == "mesh" else ""))
     # The best factorized model of the split (per-pixel categorical), beside the -ELBO in the log.
     baseline = (baselines.reference_bpd(train_ds.iterate_epoch(config.eval.batch_size),
                                         eval_ds.iterate_epoch(config.eval.batch_size))
@@ -446,16 +462,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     k = train.steps_per_call
     last_bpd = "-"  # the test -ELBO of the last evaluation, shown on the progress line
     tick, tick_step = time.time(), step
-    p_train = make_p_train(setup.objective, optimizer, optim, guard=True)
-    bad = flax.jax_utils.replicate(np.int32(-1))  # the first non-finite step, found on the device
-    place = batch_placement()
+    bad = runner.flag(-1)  # the first non-finite step, found on the device
     ahead = prefetch.Prefetcher(
-        lambda first: place(_stack_steps([train_ds.get_batch(first + j) for j in range(k)])),
+        lambda first: runner.place_batches(_stack_steps([train_ds.get_batch(first + j) for j in range(k)])),
         range(step, train.num_steps, k), train.prefetch)
     in_flight = collections.deque()  # the `bad` outputs of calls dispatched and maybe not finished
     try:
         for first, batches in ahead:
-            state, metrics, bad = p_train(state, batches, bad)
+            state, metrics, bad = runner.train(state, batches, bad)
             step = first + k
             in_flight.append(bad)
             if len(in_flight) > MAX_CALLS_IN_FLIGHT:
@@ -465,36 +479,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             eval_now = step % config.eval.every == 0 or done
             save_now = step % train.checkpoint_every == 0 or done
             if log_now or eval_now or save_now:  # the host reads results here: check the run is finite
-                first_bad = int(jax.device_get(bad)[0])
+                first_bad = runner.read_flag(bad)
                 if first_bad >= 0:
                     ahead.close()
-                    raise non_finite_error(setup, optimizer, optim, state, train_ds, first_bad, step, manager)
+                    raise non_finite_error(setup, optimizer, optim, runner.replicated_host_state(state), train_ds,
+                                           first_bad, step, manager)
             if log_now:
                 now = time.time()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
                 tick, tick_step = now, step
-                scalars = {key: float(np.mean(v[0])) for key, v in jax.device_get(metrics).items()}
+                scalars = {key: float(np.mean(v)) for key, v in runner.host_metrics(metrics).items()}
                 log.write(step, {**scalars, "steps_per_sec": rate})
                 log.console(f"step {step}/{train.num_steps} | loss {scalars['loss']:.4f} | "
                             f"eval bpd {last_bpd} | {rate:.1f} steps/s")
             if eval_now:
-                scores = evaluate(p_eval, state.ema_params, state.loss_state, eval_ds, eval_rng, config.eval)
+                scores = evaluate(runner.eval_sums, state.ema_params, state.loss_state, eval_ds, eval_rng,
+                                  config.eval)
                 if baseline is not None:
                     scores["pixel_baseline_bpd"] = baseline["mean"]
                 last_bpd = f"{scores['eval_bpd']:.3f}"
                 log.write(step, scores)
                 log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
+                ema_params = runner.host(state.ema_params) if config.sample.num_samples > 0 else None
                 if chief and config.sample.num_samples > 0:
-                    samples = setup.sample(checkpoints.unreplicate(state.ema_params),
-                                           jax.random.fold_in(sample_rng, step))
-                    samples = np.asarray(samples)
+                    samples = np.asarray(setup.sample(ema_params, jax.random.fold_in(sample_rng, step)))
                     path = write_samples(os.path.join(workdir, "samples", f"step_{step:07d}.png"), samples)
                     bad_samples = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
                     log.console(f"samples written to {path}" + (
                         f" ({bad_samples} of {len(samples)} samples not finite, left out)" if bad_samples else ""))
                 tick = time.time()  # do not count evaluation in steps/s
             if save_now:
-                manager.save(step, args=ocp.args.StandardSave(checkpoints.unreplicate(state)))
+                manager.save(step, args=ocp.args.StandardSave(runner.checkpoint_view(state)))
                 log.console(f"checkpoint step {step} saving")
     finally:
         ahead.close()
@@ -503,4 +518,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager.wait_until_finished()
     manager.close()
     log.close()
-    return checkpoints.unreplicate(state)
+    return runner.host(state)

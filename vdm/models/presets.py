@@ -29,6 +29,15 @@ def ddpm_cifar10():
     return _unet(128, (1, 2, 2, 2), 2, (16,), 0.1)
 
 
+def adm64_unet256():
+    """A ~0.5B-parameter UNet for scaling and memory tests: the layout of ADM's ImageNet 64x64
+    model (Dhariwal & Nichol 2021: ch_mult (1, 2, 3, 4), 3 blocks per level, attention at 32,
+    16 and 8 pixels, dropout 0.1) widened from 192 to 256 channels, 4 heads; 471M parameters at
+    64x64 with an eps output. Not a paper's network: it sizes the FSDP figures in
+    docs/performance.md (its Adam state does not fit replicated on a 16 GB chip)."""
+    return _unet(256, (1, 2, 3, 4), 3, (32, 16, 8), 0.1, num_heads=4)
+
+
 def mnist_unet128():
     """The MNIST UNet of width 128 of tonyduan/diffusion (UNet(embed_dim=128, dim_scales=(1, 2, 4, 8)))
     on MNIST padded to 32x32 (its input_shape; three halvings need a size divisible by 8); seed
@@ -90,6 +99,6 @@ def mean_var_mlp4():
     return _section(name="mean_var_nets", hidden=4, dtype="float32")
 
 
-PRESETS = {f.__name__: f for f in (ddpm_cifar10, mnist_unet128, lucidrains_unet64, vdm_cifar10, digits_unet, toy_mlp,
-                                   step_heads_mlp128, mean_var_mlp4)}
+PRESETS = {f.__name__: f for f in (ddpm_cifar10, adm64_unet256, mnist_unet128, lucidrains_unet64, vdm_cifar10,
+                                   digits_unet, toy_mlp, step_heads_mlp128, mean_var_mlp4)}
 CLASSIFIER_PRESETS = {f.__name__: f for f in (digits_noisy_classifier,)}  # models.build_classifier sections
