@@ -70,15 +70,11 @@ def defaults() -> ml_collections.ConfigDict:
         b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=3000, batch_size=64, steps_per_call=1, log_every=100, checkpoint_every=1000,
-<<<<<<< HEAD
         keep_checkpoints=2, prefetch=2,  # host calls whose batches a thread prepares ahead (0: none)
-        distributed=False, coordinator_address="", num_processes=1, process_id=0))
-=======
-        keep_checkpoints=2, distributed=False, coordinator_address="", num_processes=1, process_id=0,
+        distributed=False, coordinator_address="", num_processes=1, process_id=0,
         parallelism="pmap",         # pmap (replicated, jax.pmap) | mesh (one jit over a (data, fsdp) mesh)
         fsdp=1,                     # mesh: size of the fsdp axis the parameters and optimizer state are split over
         fsdp_min_size=1024))        # mesh: arrays with fewer elements stay replicated
->>>>>>> i15
     c.eval = ml_collections.ConfigDict(dict(
         every=1000, batch_size=100, num_batches=0,  # 0 = the whole held-out split
         elbo="mc", elbo_samples=8, elbo_chunk=50))
