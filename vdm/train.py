@@ -128,6 +128,11 @@ def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int):
     return jax.random.fold_in(rng, update), micro * global_batch + global_example_index(per_device_batch)
 
 
+def batch_labels(objective, batch):
+    """The batch's labels for a class-conditional objective, None for an unconditional one."""
+    return batch["label"] if objective.num_classes else None
+
+
 def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     """One optimisation step on this device's share of the global batch (run under pmap).
 
@@ -136,11 +141,11 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim):
     sampler's history (if any) is updated with the losses of the whole global
     batch, gathered in global example order.
     """
-    x = batch["x"]
+    x, labels = batch["x"], batch_labels(objective, batch)
     key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps)
 
     def mean_loss(params):
-        per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
+        per_example, aux = objective.loss(params, key, index, x, state.loss_state, True, labels)
         return per_example.mean(), aux
 
     (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
@@ -175,10 +180,10 @@ def make_p_train(objective, optimizer, optim) -> Callable:
 def eval_step(params, loss_state, batch, rng, batch_index, *, objective):
     """Sums over one eval batch of the held-out loss and of the -ELBO estimate (bits/dim),
     over the real examples (``batch["mask"]``), with per-example keys as in training."""
-    x, mask = batch["x"], batch["mask"]
+    x, mask, labels = batch["x"], batch["mask"], batch_labels(objective, batch)
     key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0])
-    loss, _ = objective.loss(params, key, index, x, loss_state, False)
-    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, build.example_keys(key, index), x)
+    loss, _ = objective.loss(params, key, index, x, loss_state, False, labels)
+    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0, 0))(params, build.example_keys(key, index), x, labels)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
     return jax.lax.psum(sums, AXIS)
 
