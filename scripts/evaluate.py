@@ -38,7 +38,9 @@ trained on the training split (cached in the workdir), and FID when
 ``--inception_weights`` names the weights file (nothing is downloaded).
 
 A class-conditional model (``config.data.conditional``) is scored by its bound on
--log p(x | y) with each example's own label. ``--guidance_scale=w1,w2,...`` (image data with
+-log p(x | y) with each example's own label, or with ``--null_label`` on -log p(x) of its
+null class (the unconditional model the label dropout trained; same noise draws, so the
+two are paired). ``--guidance_scale=w1,w2,...`` (image data with
 labels) draws ``--num_generated`` samples at each classifier-free guidance scale w, sample i
 of class i mod K, with the first ``--sampler`` and ``--sampling_steps``, and reports the
 accuracy of the feature classifier at the requested label (its binomial standard error
@@ -103,6 +105,8 @@ _VARIANCE_DRAWS = flags.DEFINE_integer("estimator_variance_draws", 0, "Continuou
                                        "draws per example (0: skip).")
 _GUIDANCE = flags.DEFINE_list("guidance_scale", [], "Class-conditional model: comma list of classifier-free "
                                "guidance scales w >= 0; accuracy and classifier FD of guided samples vs w.")
+_NULL_LABEL = flags.DEFINE_bool("null_label", False, "Class-conditional model: bound -log p(x) with the null "
+                                 "class for every example instead of -log p(x | y).")
 _BOOTSTRAP = flags.DEFINE_integer("fd_bootstrap", 20, "Bootstrap resamples for the spread of the classifier FD "
                                   "in --guidance_scale.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
@@ -193,6 +197,14 @@ def conditional_terms_fn(method, setup, config, *args):
         return jax.vmap(one)(jax.random.split(key, x.shape[0]), x, labels)
 
     return terms_fn
+
+
+def with_null_labels(batches, null_class: int):
+    """--null_label: the batches with every label replaced by the null class."""
+    import numpy as np
+
+    for batch in batches:
+        yield {**batch, "label": np.full_like(batch["label"], null_class)}
 
 
 def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int):
@@ -422,6 +434,8 @@ def main(argv):
               "params": "raw" if _RAW.value else "ema", "elbo": {}}
     dims = int(np.prod(dataset.data_shape))
     conditional = bool(setup.network.num_classes)
+    if _NULL_LABEL.value and not conditional:
+        raise app.UsageError("--null_label needs a class-conditional model (config.data.conditional = True)")
     for m in methods:
         args = (decoder, num_samples, _CHUNK.value or ev.elbo_chunk, images, dims, exact_T)
         terms_fn = (conditional_terms_fn(m, setup, config, *args) if conditional
@@ -438,8 +452,12 @@ def main(argv):
             if m == "mc" and not setup.process.discrete:
                 label += " (low-discrepancy times)"
         if conditional:
-            label += "; class-conditional, -log p(x | y) with each example's label"
-        r = likelihood.negative_elbo(terms_fn, params, likelihood.epoch_batches(dataset, batch_size),
+            label += ("; class-conditional model, its null class: -log p(x)" if _NULL_LABEL.value
+                      else "; class-conditional, -log p(x | y) with each example's label")
+        batches = likelihood.epoch_batches(dataset, batch_size)
+        if conditional and _NULL_LABEL.value:
+            batches = with_null_labels(batches, setup.network.num_classes)
+        r = likelihood.negative_elbo(terms_fn, params, batches,
                                    jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
                                    log_prob_fn=None if conditional else dataset.log_prob,
                                    max_batches=_MAX_BATCHES.value or None,
