@@ -183,3 +183,20 @@ def test_npz_without_labels_fails_when_conditional(tmp_path):
     c.data.update(dict(source="npz", path=str(path), num_test=2, conditional=True))
     with pytest.raises(ValueError, match="config.data.conditional.*npz_label_key"):
         config_lib.validate(c)
+
+
+def test_toy_mixture_labels_are_its_components():
+    """A Gaussian mixture's labels are its components: the same points as ``sample`` and, for the
+    two Gaussians 5 standard deviations from 0 in x, the label is the side of 0; the data set's
+    batches (fresh stream and fixed test set) carry them."""
+    from vdm import toy_data
+
+    dist = toy_data.get("gaussians2d")
+    x, k = dist.sample_labelled(0, 2000)
+    np.testing.assert_array_equal(x, dist.sample(0, 2000))
+    np.testing.assert_array_equal(k, (x[:, 0] > 0).astype(np.int32))
+    for split in ("train", "test"):
+        cfg = tiny_config().data
+        b = next(iter(data.build_dataset(cfg, split=split, global_batch_size=16, seed=0).iterate_epoch(16))) \
+            if split == "test" else data.build_dataset(cfg, split=split, global_batch_size=16, seed=0).get_batch(0)
+        np.testing.assert_array_equal(b["label"], (b["x"][..., 0] > 0).astype(np.int32))
