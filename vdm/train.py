@@ -278,16 +278,17 @@ def diagnose_non_finite(setup: build.Setup, optimizer, optim, state: TrainState,
             break
         state = new_state
     step = first_step + j
-    x = batch["x"]
+    x, labels = batch["x"], batch_labels(setup.objective, batch)
 
-    def probe(params, x, loss_state):
+    def probe(params, x, loss_state, labels):
         key, index = update_key_and_index(state.rng[0], step, x.shape[0], optim.accum_steps)
-        per_example = lambda p: setup.objective.loss(p, key, index, x, loss_state, True)
+        per_example = lambda p: setup.objective.loss(p, key, index, x, loss_state, True, labels)
         (values, aux) = per_example(params)
         grads = jax.grad(lambda p: per_example(p)[0].mean())(params)
         return values, aux["t"], grads
 
-    values, t, grads = jax.device_get(jax.jit(jax.vmap(probe, axis_name=AXIS))(state.params, x, state.loss_state))
+    values, t, grads = jax.device_get(jax.jit(jax.vmap(probe, axis_name=AXIS))(state.params, x, state.loss_state,
+                                                                               labels))
     values, t = values.reshape(-1), t.reshape(-1)
     params = jax.tree.map(lambda a: a[0], state.params)
     lines = [f"non-finite {'loss' if not np.isfinite(metrics['loss']).all() else 'gradient'} at step {step + 1}"]
