@@ -5,6 +5,8 @@
     python scripts/evaluate.py --workdir=runs/digits --elbo=ode --ode_steps=100 --ode_probes=4
     python scripts/evaluate.py --workdir=runs/mixture1d --sample_metrics --mode_centres=-4,4
     python scripts/evaluate.py --workdir=runs/cifar10 --sample_metrics --inception_weights=inception_fid.npz
+    python scripts/evaluate.py --workdir=runs/digits_conditional --guidance_scale=0,0.5,1,2,4 --sampler=ddim \
+        --sampling_steps=100
 
 Likelihood (``vdm.likelihood.negative_elbo``): every example of ``--split``,
 in bits/dim for images and nats for toy data, with standard errors and the
@@ -34,6 +36,18 @@ fresh data, and with ``--mode_centres`` the fraction of samples nearest each
 centre. Images: the Fréchet distance in the features of a small classifier
 trained on the training split (cached in the workdir), and FID when
 ``--inception_weights`` names the weights file (nothing is downloaded).
+
+A class-conditional model (``config.data.conditional``) is scored by its bound on
+-log p(x | y) with each example's own label, or with ``--null_label`` on -log p(x) of its
+null class (the unconditional model the label dropout trained; same noise draws, so the
+two are paired). ``--guidance_scale=w1,w2,...`` (image data with
+labels) draws ``--num_generated`` samples at each classifier-free guidance scale w, sample i
+of class i mod K, with the first ``--sampler`` and ``--sampling_steps``, and reports the
+accuracy of the feature classifier at the requested label (its binomial standard error
+beside it, and the classifier's accuracy on the real split as the reference) and the
+classifier Fréchet distance to the split (with the standard deviation over bootstrap
+resamples of the generated samples); writes ``<workdir>/guidance.png`` (both against w)
+and ``guidance_w<w>.png`` (one row per class).
 
 Classifier guidance (``--classifier_workdir`` and ``--classifier_scale=s1,s2,...``): for each
 scale s, ``--num_generated`` samples of the first --sampler / --sampling_steps with labels
@@ -101,6 +115,12 @@ _CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifie
                                           "classifier's workdir (scripts/train_classifier.py).")
 _CLASSIFIER_SCALES = flags.DEFINE_list("classifier_scale", ["0", "0.5", "1", "2", "4", "8"],
                                        "Comma list of classifier guidance scales for --classifier_workdir.")
+_GUIDANCE = flags.DEFINE_list("guidance_scale", [], "Class-conditional model: comma list of classifier-free "
+                               "guidance scales w >= 0; accuracy and classifier FD of guided samples vs w.")
+_NULL_LABEL = flags.DEFINE_bool("null_label", False, "Class-conditional model: bound -log p(x) with the null "
+                                 "class for every example instead of -log p(x | y).")
+_BOOTSTRAP = flags.DEFINE_integer("fd_bootstrap", 20, "Bootstrap resamples for the spread of the classifier FD "
+                                  "in --guidance_scale.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the ELBO's noise and of the samples.")
 _OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<split>.json).")
 
@@ -136,12 +156,14 @@ def ode_divergence(num_dims: int) -> str:
     return "exact" if num_dims <= 16 else "hutchinson"
 
 
-def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1, exact_T=0):
-    """The per-example terms function of ``vdm.likelihood`` for a method and this model."""
+def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1, exact_T=0,
+                  model_fn_of=None):
+    """The per-example terms function of ``vdm.likelihood`` for a method and this model
+    (``model_fn_of(params)``: the model function, by default the network's without labels)."""
     from vdm import build, likelihood, ode_likelihood
 
     d, process = config.diffusion, setup.process
-    model_fn_of = lambda p: build.make_model_fn(setup.network, process, d.time_input, p)
+    model_fn_of = model_fn_of or (lambda p: build.make_model_fn(setup.network, process, d.time_input, p))
     if method == "ode":
         if process.discrete:
             grid_of = lambda p: ode_likelihood.discrete_grid(process.schedule.log_snr, _ODE_STEPS.value)
@@ -169,9 +191,38 @@ def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=Fal
     return likelihood.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
 
 
-def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int, guide=None):
-    """Samples of ``shape`` [n, ...] from the model (guided by ``guide(model_fn, params) -> model_fn``
-    when given, see ``build.build_sampler``), and the number of steps taken."""
+def conditional_terms_fn(method, setup, config, *args):
+    """``terms_fn(params, key, x, labels)`` of a class-conditional model: the bound on
+    -log p(x_i | y_i) of ``elbo_terms_fn(method, ...)``, one example at a time (each with its
+    own label and key) under ``vmap``."""
+    import jax
+
+    from vdm import build
+
+    def terms_fn(params, key, x, labels):
+        def one(k, xi, yi):
+            model_fn_of = lambda p: build.make_model_fn(setup.network, setup.process, config.diffusion.time_input,
+                                                        p, labels=yi)
+            terms = elbo_terms_fn(method, setup, config, *args, model_fn_of=model_fn_of)(params, k, xi[None])
+            return jax.tree.map(lambda v: v[0], terms)
+
+        return jax.vmap(one)(jax.random.split(key, x.shape[0]), x, labels)
+
+    return terms_fn
+
+
+def with_null_labels(batches, null_class: int):
+    """--null_label: the batches with every label replaced by the null class."""
+    import numpy as np
+
+    for batch in batches:
+        yield {**batch, "label": np.full_like(batch["label"], null_class)}
+
+
+def draw_samples(setup, config, params, key, shape, images, sampler: str, num_steps: int, **guidance):
+    """Samples of ``shape`` [n, ...] from the model, and the number of steps taken. ``guidance``:
+    ``labels`` and ``guidance_scale`` of a class-conditional model, or a classifier ``guide``
+    (``build.build_sampler``)."""
     import numpy as np
 
     from vdm import build
@@ -179,7 +230,7 @@ def draw_samples(setup, config, params, key, shape, images, sampler: str, num_st
     steps = num_steps or build.sampling_steps(config.sample, config.diffusion)
     x = setup.sample(params, key, num_samples=shape[0], sampler=sampler, num_steps=steps,
                      spacing=_SPACING.value, options=sampler_options(config, sampler), clip_x0=images,
-                     guide=guide)
+                     **guidance)
     return np.asarray(x), steps
 
 
@@ -255,7 +306,7 @@ def image_sample_metrics(workdir, config, dataset, real, samples, seed):
     return out
 
 
-def guidance_sweep(guided_model, scales, draw, score, name: str) -> list:
+def scale_sweep(guided_model, scales, draw, score, name: str) -> list:
     """One row {guidance: name, scale, **score(samples)} per scale: ``guided_model(scale) -> model_fn``,
     ``draw(model_fn) -> samples``, ``score(samples) -> dict`` (e.g. ``labelled_sample_metrics``)."""
     rows = []
@@ -304,7 +355,7 @@ def load_guiding_classifier(dataset, images):
 
 
 def classifier_guidance_sweep(setup, config, params, key, dataset, real, guiding):
-    """``guidance_sweep`` of the classifier of ``load_guiding_classifier`` over --classifier_scale."""
+    """``scale_sweep`` of the classifier of ``load_guiding_classifier`` over --classifier_scale."""
     from vdm import noisy_classifier_train
 
     run, labels, scales = guiding
@@ -319,10 +370,99 @@ def classifier_guidance_sweep(setup, config, params, key, dataset, real, guiding
         return draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), True, sampler, steps,
                             guide=guide)[0]
 
-    rows = guidance_sweep(guided, scales, draw, labelled_sample_metrics(config, dataset, real, labels), "classifier")
+    rows = scale_sweep(guided, scales, draw, labelled_sample_metrics(config, dataset, real, labels), "classifier")
     for r in rows:
         r.update(sampler=sampler, steps=steps, num_samples=n, classifier_step=run.step)
     return rows
+
+
+def parse_guidance_scales(values) -> list:
+    """--guidance_scale as floats >= 0."""
+    try:
+        scales = [float(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--guidance_scale must be numbers >= 0, got {values}")
+    if any(not (w >= 0 and math.isfinite(w)) for w in scales):
+        raise app.UsageError(f"--guidance_scale must be finite numbers >= 0, got {values}")
+    return scales
+
+
+def check_guidance_sweep(setup, dataset) -> None:
+    """--guidance_scale needs a class-conditional model of image data (the classifier's)."""
+    if not setup.network.num_classes:
+        raise app.UsageError("--guidance_scale needs a class-conditional model (config.data.conditional = True)")
+    if len(dataset.data_shape) != 3:
+        raise app.UsageError("--guidance_scale scores samples with the image feature classifier; the data are "
+                             f"{dataset.data_shape}-shaped vectors")
+
+
+def guidance_row(w, labels, predicted, fd_features, real_features, key) -> dict:
+    """Accuracy at the requested label (binomial standard error) and the classifier FD of one w,
+    with the standard deviation of the FD over bootstrap resamples of the generated samples."""
+    import numpy as np
+
+    from vdm.metrics import sample_quality
+
+    n = len(labels)
+    acc = float(np.mean(predicted == labels))
+    rng = np.random.default_rng(key)
+    boot = [sample_quality.frechet_distance_of_features(fd_features[rng.integers(0, n, n)], real_features)
+            for _ in range(_BOOTSTRAP.value)]
+    return {"guidance_scale": w, "num_samples": n, "accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / n),
+            "classifier_fd": sample_quality.frechet_distance_of_features(fd_features, real_features),
+            "classifier_fd_bootstrap_std": float(np.std(boot, ddof=1)) if len(boot) > 1 else float("nan")}
+
+
+def guidance_sweep(setup, config, params, key, dataset, batch_size, scales) -> dict:
+    """Guided samples at each w: accuracy and classifier FD vs w (module docstring), the table,
+    guidance.png and one grid per w."""
+    import numpy as np
+
+    from vdm import data, likelihood, viz
+    from vdm.metrics import classifier
+
+    k, n = setup.network.num_classes, _NUM_GENERATED.value
+    train_ds = data.build_dataset(config.data, split="train", global_batch_size=128, seed=config.seed)
+
+    def batch_fn(i):
+        b = train_ds.get_batch(i)
+        return (b["x"].reshape((-1,) + tuple(dataset.data_shape)), b["label"].reshape(-1))
+
+    fns = {o: classifier.load_or_train_classifier(_WORKDIR.value, batch_fn, k, dataset.data_shape,
+                                                  num_steps=_CLASSIFIER_STEPS.value, seed=_SEED.value, output=o)
+           for o in ("features", "labels")}
+    batches = list(likelihood.epoch_batches(dataset, batch_size))
+    real = np.concatenate([b["x"] for b in batches])[:dataset.num_examples]
+    real_labels = np.concatenate([b["label"] for b in batches])[:dataset.num_examples]
+    real_acc = float(np.mean(fns["labels"](real) == real_labels))
+    real_features = fns["features"](real)
+    sampler, steps = _SAMPLER.value[0], int(_SAMPLING_STEPS.value[0])
+    labels = np.arange(n, dtype=np.int32) % k
+    rows = []
+    for i, w in enumerate(scales):
+        samples, steps = draw_samples(setup, config, params, key, (n,) + tuple(dataset.data_shape), True, sampler,
+                                      steps, labels=labels, guidance_scale=w)
+        rows.append(guidance_row(w, labels, fns["labels"](samples), fns["features"](samples), real_features,
+                                 [_SEED.value, i]))
+        per_class = np.concatenate([samples[labels == c][:10] for c in range(k)])
+        viz.save_image_grid(os.path.join(_WORKDIR.value, f"guidance_w{w:g}.png"), per_class,
+                            nrow=min(10, n // k), scale=viz.display_scale(dataset.data_shape[0]))
+    print(f"classifier-free guidance: {n} samples per w ({sampler}, {steps} steps; "
+          f"sample i of class i mod {k}); classifier accuracy on the real {_SPLIT.value} split {real_acc:.4f}")
+    print(f"{'w':>6} {'accuracy':>10} {'(stderr)':>9} {'classifier FD':>14} {'(bootstrap std)':>16}")
+    for r in rows:
+        print(f"{r['guidance_scale']:>6g} {r['accuracy']:>10.4f} {r['accuracy_stderr']:>9.4f} "
+              f"{r['classifier_fd']:>14.4f} {r['classifier_fd_bootstrap_std']:>16.4f}")
+    path = viz.plot_ablation(os.path.join(_WORKDIR.value, "guidance.png"),
+                             [dict(r, sampler=sampler) for r in rows], ["accuracy", "classifier_fd"],
+                             label="sampler", x="guidance_scale",
+                             title="classifier-free guidance: accuracy and classifier FD vs w")
+    print(f"wrote {path} and guidance_w<w>.png (10 samples per class, one row per class)")
+    return {"sampler": sampler, "steps": steps, "real_accuracy": real_acc,
+            "real_accuracy_stderr": math.sqrt(real_acc * (1 - real_acc) / len(real_labels)),
+            "accuracy_estimator": "fraction of samples the feature classifier labels as requested; binomial stderr",
+            "fd_estimator": "Fréchet distance of classifier features to the split; std over bootstrap resamples "
+                            "of the generated samples", "rows": rows}
 
 
 def main(argv):
@@ -346,6 +486,9 @@ def main(argv):
     exact_T = _EXACT_T.value or config.diffusion.T
     methods = elbo_methods(_ELBO.value, setup.process.discrete, 0 if setup.process.discrete else exact_T)
     centres = parse_centres(_MODES.value) if _MODES.value else None
+    scales = parse_guidance_scales(_GUIDANCE.value) if _GUIDANCE.value else None
+    if scales is not None:
+        check_guidance_sweep(setup, dataset)
     images = len(dataset.data_shape) == 3
     if _INCEPTION.value and not os.path.isfile(_INCEPTION.value):
         raise app.UsageError(f"--inception_weights={_INCEPTION.value!r} does not exist.\n"
@@ -360,9 +503,13 @@ def main(argv):
     result = {"workdir": workdir, "checkpoint_step": step, "split": _SPLIT.value,
               "params": "raw" if _RAW.value else "ema", "elbo": {}}
     dims = int(np.prod(dataset.data_shape))
+    conditional = bool(setup.network.num_classes)
+    if _NULL_LABEL.value and not conditional:
+        raise app.UsageError("--null_label needs a class-conditional model (config.data.conditional = True)")
     for m in methods:
-        terms_fn = elbo_terms_fn(m, setup, config, decoder, num_samples, _CHUNK.value or ev.elbo_chunk,
-                                 images, dims, exact_T)
+        args = (decoder, num_samples, _CHUNK.value or ev.elbo_chunk, images, dims, exact_T)
+        terms_fn = (conditional_terms_fn(m, setup, config, *args) if conditional
+                    else elbo_terms_fn(m, setup, config, *args))
         if m == "ode":
             probes = (f"Hutchinson, {_ODE_PROBES.value} Rademacher probes" if ode_divergence(dims) == "hutchinson"
                       else "exact divergence")
@@ -374,11 +521,19 @@ def main(argv):
             label = "exact sum over T terms" if m == "exact" else f"Monte Carlo, {num_samples} draws per example"
             if m == "mc" and not setup.process.discrete:
                 label += " (low-discrepancy times)"
-        r = likelihood.negative_elbo(terms_fn, params, likelihood.epoch_batches(dataset, batch_size),
+        if conditional:
+            label += ("; class-conditional model, its null class: -log p(x)" if _NULL_LABEL.value
+                      else "; class-conditional, -log p(x | y) with each example's label")
+        batches = likelihood.epoch_batches(dataset, batch_size)
+        if conditional and _NULL_LABEL.value:
+            batches = with_null_labels(batches, setup.network.num_classes)
+        r = likelihood.negative_elbo(terms_fn, params, batches,
                                    jax.random.fold_in(key, len(result["elbo"])), num_dims=num_dims,
-                                   log_prob_fn=dataset.log_prob, max_batches=_MAX_BATCHES.value or None,
+                                   log_prob_fn=None if conditional else dataset.log_prob,
+                                   max_batches=_MAX_BATCHES.value or None,
                                    method=label, dequantized=images and (config.data.dequantize or m == "ode"),
-                                   quantity="negative log-likelihood" if m == "ode" else "negative ELBO")
+                                   quantity="negative log-likelihood" if m == "ode" else "negative ELBO",
+                                   labels=conditional)
         result["elbo"][m] = r
         print(likelihood.format_table(r), end="\n\n")
     if images:  # the best factorized model of the same split, beside the diffusion bound
@@ -433,6 +588,9 @@ def main(argv):
                                      x="nfe", log_x=True, title="sample quality vs network evaluations")
             print(f"wrote {path}")
 
+    if scales is not None:
+        result["guidance"] = guidance_sweep(setup, config, params, jax.random.fold_in(key, 2000), dataset,
+                                            batch_size, scales)
     if guiding is not None:
         from vdm import viz
 

@@ -376,7 +376,7 @@ def test_toy_parameters_match_the_seeds():
 def test_toy_datasets_fresh_stream_and_fixed_sets():
     fresh = make({"source": "toy", "name": "mixture1d"}, batch=64, devices=2)
     assert fresh.num_examples is None and fresh.data_shape == (1,) and fresh.log_prob is not None
-    assert fresh.get_batch(0)["x"].shape == (2, 32, 1) and set(fresh.get_batch(0)) == {"x"}
+    assert fresh.get_batch(0)["x"].shape == (2, 32, 1) and set(fresh.get_batch(0)) == {"x", "label"}  # components
     assert not np.array_equal(fresh.get_batch(0)["x"], fresh.get_batch(1)["x"])
     fixed = make({"source": "toy", "name": "mixture1d", "num_points": 1000}, batch=100)
     assert fixed.num_examples == 1000

@@ -43,6 +43,8 @@ def digits_workdir(tmp_path_factory):
     for path, value in TINY.items():
         section, field = path.split(".")
         config[section][field] = value
+    # Class-conditional (configs/digits_conditional.py), so the scripts' label and guidance flags run too.
+    config.data.conditional, config.train.label_dropout = True, 0.2
     workdir = str(tmp_path_factory.mktemp("digits"))
     train.train_and_evaluate(config, workdir)
     return workdir
@@ -62,24 +64,31 @@ def test_sample_writes_samples_grid_and_gif(digits_workdir, tmp_path):
     assert np.all(np.abs(samples) <= 1.0)  # x0 clipped for images by default; DDIM ends on its x0
     assert 1 <= len(out["traj_x"]) <= 3
     np.testing.assert_array_equal(out["traj_x"][-1], samples)  # the last record is the result
+    from vdm import viz  # one GIF frame per record, but Pillow merges identical consecutive frames
+    grids = [np.concatenate([viz.image_grid(a), viz.image_grid(b)], axis=1)
+             for a, b in zip(out["traj_x"], out["traj_x0"])]
     with Image.open(tmp_path / "a" / "denoise.gif") as gif:
-        assert gif.n_frames == len(out["traj_x"])
+        assert gif.n_frames == 1 + sum(not np.array_equal(g, h) for g, h in zip(grids, grids[1:]))
     assert Image.open(tmp_path / "a" / "grid.png").size[0] >= 32
     r = _run("sample.py", *args, f"--out={tmp_path / 'b'}")  # same seed, same samples
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "samples.npz")["samples"], samples)
-    # The raw parameters of step 10, another seed, stochastic DDIM on leading steps, no clipping.
+    # The raw parameters of step 10, another seed, stochastic DDIM on leading steps, no clipping;
+    # 2 samples of every class at classifier-free guidance scale 1.5, one grid row per class.
     r = _run("sample.py", *args, "--step=10", "--raw_params", "--seed=1", "--spacing=leading", "--clip_x0=false",
-             "--option=eta=1.0", f"--out={tmp_path / 'c'}")
+             "--option=eta=1.0", "--label=all", "--num_samples=2", "--guidance_scale=1.5",
+             f"--out={tmp_path / 'c'}")
     assert r.returncode == 0, r.stderr[-3000:]
     other = np.load(tmp_path / "c" / "samples.npz")
-    assert other["samples"].shape == samples.shape and not np.allclose(other["samples"], samples)
+    assert other["samples"].shape == (20,) + samples.shape[1:] and float(other["guidance_scale"]) == 1.5
+    np.testing.assert_array_equal(other["labels"], np.repeat(np.arange(10), 2))
+    assert Image.open(tmp_path / "c" / "grid.png").size[1] > 4 * Image.open(tmp_path / "a" / "grid.png").size[1]
 
 
 def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
     out = os.path.join(digits_workdir, "eval.json")
     r = _run("evaluate.py", f"--workdir={digits_workdir}", "--elbo=exact,mc", "--num_samples=4",
              "--max_batches=1", "--sample_metrics", "--num_generated=32", "--classifier_steps=20",
-             f"--out={out}")
+             "--guidance_scale=0,2", f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(out))
     exact, mc = res["elbo"]["exact"], res["elbo"]["mc"]
@@ -92,6 +101,14 @@ def test_evaluate_exact_and_mc_and_sample_metrics(digits_workdir):
     assert abs(res["exact_minus_mc"]["mean"]) < 5 * mc["terms"]["total"]["stderr"] + 1e-3
     assert res["samples"][0]["classifier_fd"] > 0
     assert "FID skipped" in r.stdout and "total" in r.stdout
+    # The conditional bound -log p(x | y), and accuracy at the requested label and FD against w.
+    assert "-log p(x | y)" in exact["method"]
+    rows = res["guidance"]["rows"]
+    assert [row["guidance_scale"] for row in rows] == [0.0, 2.0] and all(row["num_samples"] == 32 for row in rows)
+    for row in rows:
+        assert 0 <= row["accuracy"] <= 1 and row["classifier_fd"] > 0
+        assert row["accuracy_stderr"] == pytest.approx(math.sqrt(row["accuracy"] * (1 - row["accuracy"]) / 32))
+    assert os.path.exists(os.path.join(digits_workdir, "guidance.png"))
 
 
 def test_evaluate_split_checkpoint_and_sampler_flags(digits_workdir, tmp_path):

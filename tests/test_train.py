@@ -78,10 +78,12 @@ def one_device(tmp_path_factory):
 @pytest.mark.parametrize("devices", [2, 4])
 def test_same_state_on_1_2_4_devices(one_device, tmp_path, devices):
     """Same global batch and seed: 3 pmapped steps give the same params, EMA params, optimizer
-    state and loss history on any device count."""
+    state and loss history on any device count (the tiny config is class-conditional with label
+    dropout 0.5, so which labels are dropped must not depend on the device count either)."""
     _run(tmp_path, devices)
     state, losses = one_device
     _assert_trained(state, 3)
+    assert any("class_embedding" in k for k in state), sorted(state)
     _assert_close(_state(tmp_path), state)
     np.testing.assert_allclose(list(_losses(tmp_path).values()), list(losses.values()), rtol=1e-5)
     assert sorted(losses) == [1, 2, 3]
@@ -127,10 +129,11 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     """SIGKILL at random moments, the first right after an async checkpoint save starts; every
     rerun resumes from the newest complete checkpoint (never a half-written one) and the final
     params, EMA params, optimizer state, importance-sampling loss history and logged losses equal
-    an uninterrupted run's exactly."""
+    an uninterrupted run's exactly, for a class-conditional run with label dropout."""
     _run(tmp_path / "straight", 1, *RESUME_ARGS)
     expected = _state(tmp_path / "straight")
     _assert_trained(expected, 16)
+    assert any("class_embedding" in k for k in expected)  # a class-conditional run (tiny_config)
     history = [k for k in expected if k.startswith(".loss_state")]
     assert history and any(np.abs(expected[k]).max() > 0 for k in history), sorted(expected)
 
@@ -265,7 +268,8 @@ def test_variance_schedule_gradient_run_is_the_same_on_1_and_2_devices(tmp_path)
     (loss.schedule_gradient = variance): per-example scaling inside the pmapped step, so the
     parameters after 3 steps, the schedule's included, do not depend on the device count."""
     vdm = ["diffusion.time='continuous'", "diffusion.schedule='learned'", "diffusion.T=0",
-           "loss.name='vdm'", "loss.schedule_gradient='variance'", "sample.num_steps=10"]
+           "loss.name='vdm'", "loss.schedule_gradient='variance'", "sample.num_steps=10",
+           "data.conditional=False", "train.label_dropout=0.0"]  # (the unconditional step's device check)
     params = []
     for devices in (1, 2):
         _run(tmp_path / str(devices), devices, *vdm, timeout=600)

@@ -3,7 +3,8 @@
     python tests/train_worker.py WORKDIR DEVICES [key=value overrides...] [--process I/N@PORT]
 
 Forces DEVICES CPU devices, trains the tiny config below (2-D toy data, small
-MLP) and writes this process's final TrainState (params, EMA params, optimizer
+MLP, class-conditional on the mixture component with label dropout 0.5, so the
+device-count, multi-process and resume tests cover labels in the step) and writes this process's final TrainState (params, EMA params, optimizer
 state, loss history, step), one array per leaf named by its path, to
 WORKDIR/state_<process>.npz.
 """
@@ -17,6 +18,7 @@ def tiny_config():
 
     c = config_lib.defaults()
     c.data.source, c.data.name, c.data.num_test = "toy", "gaussians2d", 32
+    c.data.conditional, c.train.label_dropout = True, 0.5
     c.model = presets.toy_mlp()
     c.model.update(dict(hidden=32, depth=2, embed_dim=8))
     c.diffusion.update(dict(schedule="linear", T=50))

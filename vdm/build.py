@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from vdm import diffusion
 from vdm import losses
@@ -82,28 +83,34 @@ def network_time_range(diffusion_cfg: ml_collections.ConfigDict, process: Proces
     return float(fn(0.0)), float(fn(1.0))
 
 
-def build_network(config: ml_collections.ConfigDict, process: Process, data_shape) -> Any:
-    """The config's network with ``time_range`` set from the diffusion section."""
+def build_network(config: ml_collections.ConfigDict, process: Process, data_shape, num_classes: int = 0) -> Any:
+    """The config's network with ``time_range`` set from the diffusion section and ``num_classes``
+    labels (0: unconditional; else label ``num_classes`` is the null class)."""
     fields = config.model.to_dict()
     if "time_range" in {f.name for f in dataclasses.fields(models.NETWORKS[fields["name"]])}:
         fields["time_range"] = network_time_range(config.diffusion, process)
-    return models.build_model(fields, data_shape,
+    return models.build_model(fields, data_shape, num_classes=num_classes,
                               learned_variance=diffusion.learns_variance(config.diffusion.variance))
 
 
 def make_model_fn(network, process: Process, time_input: str, params, *, train: bool = False,
-                  dropout_key=None) -> Callable:
+                  dropout_key=None, labels=None) -> Callable:
     """The network as ``model_fn(x_t, t) -> output`` (docs/design.md, model interface): the loss's
     or sampler's t is passed on as is (``time_input = "t"``) or as its log-SNR; x_t is scaled by
-    ``process.input_scale`` (EDM's c_in) when the process has one."""
+    ``process.input_scale`` (EDM's c_in) when the process has one.
+
+    A class-conditional network sees ``labels`` (int32 [B], or one label for every row of x_t;
+    None: the null class); ``model_fn(x_t, t, labels)`` overrides them (the form
+    ``samplers.sample(..., labels=...)`` and classifier-free guidance call)."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
 
-    def model_fn(x_t, t):
+    def model_fn(x_t, t, labels=labels):
         s = process.log_snr(params, t) if time_input == "log_snr" else t
         if process.input_scale is not None:
             scale = process.input_scale(process.log_snr(params, t))
             x_t = x_t * jnp.reshape(scale, scale.shape + (1,) * (x_t.ndim - scale.ndim))
-        return network.apply({"params": params["net"]}, x_t, s, train=train, rngs=rngs)
+        cond = None if labels is None else jnp.broadcast_to(labels, x_t.shape[:1])
+        return network.apply({"params": params["net"]}, x_t, s, cond, train=train, rngs=rngs)
 
     return model_fn
 
@@ -126,6 +133,19 @@ def example_normal(keys, x):
     return jax.vmap(lambda k, xi: jax.random.normal(k, xi.shape, xi.dtype))(keys, x)
 
 
+LABEL_DROPOUT_STREAM = 0x1abe1  # folded into the step's key for the label-dropout draws
+
+
+def drop_labels(key, index, labels, p_uncond: float, null_class: int):
+    """Classifier-free guidance's label dropout (Ho & Salimans 2022, Alg. 1): label_i becomes the
+    null class with probability p_uncond, decided by u_i ~ U(0, 1) drawn from example i's own key
+    (``example_keys`` of the step's key folded with LABEL_DROPOUT_STREAM and its global index), so
+    which examples lose their label does not depend on the device count."""
+    u = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(jax.random.fold_in(key, LABEL_DROPOUT_STREAM),
+                                                                   index))
+    return jnp.where(u < p_uncond, jnp.asarray(null_class, labels.dtype), labels)
+
+
 def low_discrepancy_times(key, index):
     """u_i = frac(u + i / phi), u ~ U(0, 1) per step: evenly spread times over the global batch
     for any batch size or device split (the Kronecker sequence; Kingma et al. 2021, App. I.1,
@@ -136,11 +156,14 @@ def low_discrepancy_times(key, index):
 class Objective(NamedTuple):
     """The training objective of a config, on one device's share of a batch.
 
-    loss(params, key, index, x, loss_state, train) -> (per-example loss [b], aux): ``key``
-      is the step's key (the same on every device), ``index`` [b] the examples' global
-      indices, from which every random draw (t, noise) is folded; aux holds each
-      example's time ``t`` [b] (and its ``vlb_term`` with importance sampling);
-    nelbo_bpd(params, key, x) -> an estimate of -ELBO(x) in bits/dim for one example x;
+    loss(params, key, index, x, loss_state, train, labels=None) -> (per-example loss [b], aux):
+      ``key`` is the step's key (the same on every device), ``index`` [b] the examples' global
+      indices, from which every random draw (t, noise, label dropout) is folded; aux holds each
+      example's time ``t`` [b] (and its ``vlb_term`` with importance sampling). A conditional
+      objective (``num_classes`` > 0) takes the labels [b]; with ``train`` they are dropped to
+      the null class at rate ``train.label_dropout`` (``drop_labels``);
+    nelbo_bpd(params, key, x, label=None) -> an estimate of -ELBO(x) (of -log p(x | label) for a
+      conditional objective) in bits/dim for one example x;
     init_loss_state() -> the importance sampler's LossHistory ({} when unused);
     update_loss_state(loss_state, aux) -> the history after a step, from the aux of the
       whole global batch.
@@ -150,6 +173,7 @@ class Objective(NamedTuple):
     nelbo_bpd: Callable
     init_loss_state: Callable
     update_loss_state: Callable
+    num_classes: int = 0
 
 
 def elbo_time(diffusion_cfg: ml_collections.ConfigDict) -> Callable:
@@ -187,9 +211,9 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
     decoder = decoder_for(lc, discrete_8bit)
     importance = process.discrete and lc.importance_sampling
 
-    def model_fn(params, key, train):
+    def model_fn(params, key, train, labels):
         return make_model_fn(network, process, d.time_input, params, train=train,
-                             dropout_key=key if train else None)
+                             dropout_key=key if train else None, labels=labels)
 
     def split(key, index):
         """Per-example keys for (t, eps, eps_0), the antithetic time offset's key and this
@@ -202,7 +226,7 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
     if process.discrete:
         common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
 
-        def loss(params, key, index, x, loss_state, train):
+        def loss(params, key, index, x, loss_state, train, labels):
             k_t, k_eps, _, _, k_drop = split(key, index)
             if importance:
                 t, w = jax.vmap(lambda k: losses.loss_history_sample(loss_state, k, 1))(k_t)
@@ -211,15 +235,15 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                 t = jax.vmap(lambda k: jax.random.randint(k, (), 1, process.T + 1))(k_t)
                 w = None
             values, metrics = losses.discrete_loss(
-                model_fn(params, k_drop, train), k_drop, x, process.schedule, kind=lc.name,
+                model_fn(params, k_drop, train, labels), k_drop, x, process.schedule, kind=lc.name,
                 loss_type=lc.loss_type, weighting=lc.weighting, target=lc.target or None,
                 snr_gamma=lc.snr_gamma, hybrid_lambda=lc.hybrid_lambda, t=t, weights=w,
                 eps=example_normal(k_eps, x), **common)
             return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance
                             else {"t": metrics["t"]})
 
-        def nelbo_nats(params, key, x):
-            fn = model_fn(params, None, False)
+        def nelbo_nats(params, key, x, label):
+            fn = model_fn(params, None, False, label)
             if ev.elbo == "exact":
                 return losses.discrete_elbo(fn, key, x[None], process.schedule, chunk=ev.elbo_chunk,
                                             **common)["total"][0]
@@ -230,13 +254,13 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                       schedule_gradient=lc.schedule_gradient)
         bound_time = elbo_time(d)
 
-        def vdm_nats(params, key, index, x, train):
+        def vdm_nats(params, key, index, x, train, labels):
             k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
             u = (low_discrepancy_times(k_offset, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             fixed_ends = ({**params, "schedule": models.schedule_net.stop_endpoint_gradients(params["schedule"])}
                           if "schedule" in params else params)
-            net = model_fn(params, k_drop, train)
+            net = model_fn(params, k_drop, train, labels)
             total, metrics = losses.vdm_loss(lambda z, t: net(z, bound_time(t)),
                                              lambda t: process.log_snr(params, bound_time(t)), k_drop, x,
                                              u=u, eps=example_normal(k_eps, x), eps_0=example_normal(k_eps0, x),
@@ -244,41 +268,52 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
                                              **common)
             return total, metrics["t"]
 
-        def vdm_bpd_loss(params, key, index, x, loss_state, train):
-            nats, t = vdm_nats(params, key, index, x, train)
+        def vdm_bpd_loss(params, key, index, x, loss_state, train, labels):
+            nats, t = vdm_nats(params, key, index, x, train, labels)
             return losses.bits_per_dim(nats, math.prod(x.shape[1:])), {"t": t}
 
-        def simple_continuous_loss(params, key, index, x, loss_state, train):
+        def simple_continuous_loss(params, key, index, x, loss_state, train, labels):
             """EDM / flow matching / L_simple at sampled times (losses.continuous_simple_loss)."""
             k_t, k_eps, _, k_offset, k_drop = split(key, index)
             u = (low_discrepancy_times(k_offset, index) if lc.antithetic
                  else jax.vmap(lambda k: jax.random.uniform(k, ()))(k_t))
             values, metrics = losses.continuous_simple_loss(
-                model_fn(params, k_drop, train), lambda t: process.log_snr(params, t), k_drop, x,
+                model_fn(params, k_drop, train, labels), lambda t: process.log_snr(params, t), k_drop, x,
                 parameterization=d.parameterization, t_sampling=lc.t_sampling, loc=lc.t_loc,
                 scale=lc.t_scale, sigma_data=d.sigma_data, u=u, eps=example_normal(k_eps, x))
             return values, {"t": metrics["t"]}
 
         loss = simple_continuous_loss if lc.name == "simple" else vdm_bpd_loss
 
-        def nelbo_nats(params, key, x):
+        def nelbo_nats(params, key, x, label):
             index = jnp.arange(ev.elbo_samples)
             return jnp.mean(vdm_nats(params, key, index, jnp.broadcast_to(x, (ev.elbo_samples,) + x.shape),
-                                     False)[0])
+                                     False, label)[0])
 
-    def nelbo_bpd(params, key, x):
+    def nelbo_bpd(params, key, x, label=None):
         """bits/dim on the 8-bit scale: a dequantized density's bound gets log2(127.5) per dim."""
-        nats = nelbo_nats(params, key, x)
+        nats = nelbo_nats(params, key, x, label)
         if config.data.dequantize:
             nats = losses.dequantized_nats(nats, x.size)
         return losses.bits_per_dim(nats, x.size)
+
+    num_classes, p_uncond = network.num_classes, config.train.get("label_dropout", 0.0)
+
+    def labelled_loss(params, key, index, x, loss_state, train, labels=None):
+        """The loss given the labels (None: unconditional), dropped at rate p_uncond in training."""
+        if (labels is None) != (num_classes == 0):
+            raise ValueError(f"the objective's network has num_classes = {num_classes}: labels must be "
+                             f"{'given' if num_classes else 'None'}")
+        if labels is not None and train and p_uncond > 0:
+            labels = drop_labels(key, index, labels, p_uncond, num_classes)
+        return loss(params, key, index, x, loss_state, train, labels)
 
     if importance:
         init = lambda: losses.loss_history_init(process.T, lc.history)
         update = lambda s, aux: losses.loss_history_update(s, aux["t"], aux["vlb_term"])
     else:
         init, update = dict, lambda s, aux: s
-    return Objective(loss, nelbo_bpd, init, update)
+    return Objective(labelled_loss, nelbo_bpd, init, update, num_classes)
 
 
 def sampling_steps(sample_cfg: ml_collections.ConfigDict, diffusion_cfg: ml_collections.ConfigDict):
@@ -293,36 +328,55 @@ def build_sampler(config: ml_collections.ConfigDict, network, process: Process, 
     None replaces one: ``num_samples``, ``sampler``, ``num_steps``, ``spacing``, ``options`` (the
     sampler's own; by default ``sample.options`` when the sampler is the config's, else none) and
     ``clip_x0`` (by default x0 predictions are clipped to [-1, 1] for image data when
-    ``sample.clip_x0``). ``guide(model_fn, params) -> model_fn`` wraps the model (e.g. classifier
-    guidance; it is then compiled once per guide). Other keywords (``trajectory_every``,
-    ``labels``, ...) go to ``samplers.sample`` as they are.
+    ``sample.clip_x0``).
 
-    The parameters are a traced argument of one compiled sampler (``samplers.sample(...,
-    params=...)``), so evaluations during training reuse a single compile; only the grid of
-    a learned schedule is recomputed on the host from the given parameters.
+    A class-conditional network samples ``labels`` [n] (default: sample i of class i mod K;
+    the null class is K) at classifier-free guidance scale ``guidance_scale`` (Ho & Salimans
+    2022; None or 0: the conditional model). ``guide(model_fn, params) -> model_fn`` wraps an
+    unconditional model (classifier guidance, ``vdm.classifier_guidance``). Other keywords
+    (``trajectory_every``) go to ``samplers.sample`` as they are.
+
+    The parameters and labels are traced arguments of one compiled sampler (``samplers.sample(...,
+    params=...)``), so evaluations during training reuse a single compile, and so does each
+    guidance scale; only the grid of a learned schedule is recomputed on the host from the
+    given parameters. A ``guide`` is compiled once per call.
     """
     s, d = config.sample, config.diffusion
-    images = len(data_shape) == 3
+    images, num_classes = len(data_shape) == 3, network.num_classes
 
-    def model(params, x_t, t):
-        return make_model_fn(network, process, d.time_input, params)(x_t, t)
+    def model(params, x_t, t, *labels):
+        return make_model_fn(network, process, d.time_input, params)(x_t, t, *labels)
 
     def guided(guide):
         return lambda params, x_t, t: guide(functools.partial(model, params), params)(x_t, t)
 
+    def label_args(n, labels, guidance_scale, guide) -> dict:
+        if not num_classes:
+            if labels is not None or guidance_scale:
+                raise ValueError("labels and guidance_scale need a class-conditional model (config.data.conditional)")
+            return {}
+        if guide is not None:
+            raise ValueError("classifier guidance (guide) takes an unconditional model; this one is class-conditional")
+        labels = np.arange(n, dtype=np.int32) % num_classes if labels is None else np.asarray(labels, np.int32)
+        if labels.shape != (n,) or labels.min() < 0 or labels.max() > num_classes:
+            raise ValueError(f"labels must be {n} classes in 0..{num_classes} (null class {num_classes}), "
+                             f"got {labels}")
+        return dict(labels=labels, null_label=num_classes, guidance_scale=guidance_scale or None)
+
     def sample(params, key, *, num_samples=None, sampler=None, num_steps=None, spacing=None, options=None,
-               clip_x0=None, guide=None, **extra):
-        sampler = sampler or s.sampler
+               clip_x0=None, labels=None, guidance_scale=None, guide=None, **extra):
+        n, sampler = num_samples or s.num_samples, sampler or s.sampler
         if options is None:
             options = dict(s.get("options", {})) if sampler == s.sampler else {}
         levels = (dict(schedule=process.schedule) if process.discrete
                   else dict(log_snr_fn=lambda t: process.log_snr(params, t)))
-        return samplers.sample(model if guide is None else guided(guide), key, (num_samples or s.num_samples,) + tuple(data_shape), sampler=sampler,
-                               num_steps=num_steps or sampling_steps(s, d), spacing=spacing or s.spacing,
-                               parameterization=d.parameterization, variance_type=d.variance,
+        return samplers.sample(model if guide is None else guided(guide), key, (n,) + tuple(data_shape),
+                               sampler=sampler, num_steps=num_steps or sampling_steps(s, d),
+                               spacing=spacing or s.spacing, parameterization=d.parameterization,
+                               variance_type=d.variance,
                                clip_x0=bool(s.clip_x0 and images) if clip_x0 is None else clip_x0,
                                params=params, sigma_data=d.get("sigma_data", diffusion.EDM_SIGMA_DATA),
-                               **options, **levels, **extra)
+                               **label_args(n, labels, guidance_scale, guide), **options, **levels, **extra)
 
     return sample
 
@@ -338,8 +392,11 @@ class Setup(NamedTuple):
 
 
 def build_setup(config: ml_collections.ConfigDict, dataset) -> Setup:
+    """The Setup of ``config`` on ``dataset`` (a class-conditional network on its
+    ``num_classes`` labels when ``config.data.conditional``)."""
     process = build_process(config.diffusion)
-    network = build_network(config, process, dataset.data_shape)
+    num_classes = dataset.num_classes if config.data.get("conditional", False) else 0
+    network = build_network(config, process, dataset.data_shape, num_classes)
     objective = build_objective(config, network, process, discrete_8bit=dataset.is_discrete_8bit)
     x = jnp.zeros((1,) + tuple(dataset.data_shape), jnp.float32)
     t = jnp.ones((1,), jnp.int32) if process.discrete else jnp.full((1,), 0.5, jnp.float32)

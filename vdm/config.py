@@ -70,7 +70,9 @@ def defaults() -> ml_collections.ConfigDict:
         b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=3000, batch_size=64, steps_per_call=1, log_every=100, checkpoint_every=1000,
-        keep_checkpoints=2, prefetch=2,  # host calls whose batches a thread prepares ahead (0: none)
+        keep_checkpoints=2,
+        label_dropout=0.0,          # data.conditional: p_uncond of classifier-free guidance (Ho & Salimans 2022)
+        prefetch=2,                 # host calls whose batches a thread prepares ahead (0: none)
         distributed=False, coordinator_address="", num_processes=1, process_id=0,
         parallelism="pmap",         # pmap (replicated, jax.pmap) | mesh (one jit over a (data, fsdp) mesh)
         fsdp=1,                     # mesh: size of the fsdp axis the parameters and optimizer state are split over
@@ -426,3 +428,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     validate_sample_method(config.sample, config.diffusion)
     validate_model(config.model, config.diffusion)
     data_lib.validate_config(config.data)
+    validate_conditional(config.data, config.train)
+
+
+def validate_conditional(data: ml_collections.ConfigDict, train: ml_collections.ConfigDict) -> None:
+    """``train.label_dropout`` (p_uncond, Ho & Salimans 2022: 0.1-0.2) is in [0, 1) and is set
+    only for a class-conditional run (``data.conditional``; the data's labels are checked by
+    ``data.validate_config``)."""
+    _require("train", train, ("label_dropout",))
+    _number_in(train, "label_dropout", "train", 0.0, 1.0, high_open=True)
+    if train.label_dropout and not data.get("conditional", False):
+        _fail("train.label_dropout", train.label_dropout, "drops labels of a class-conditional run only; "
+              "set config.data.conditional = True (a data set with labels) or leave it at 0.0")

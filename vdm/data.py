@@ -52,7 +52,8 @@ Sources (``cfg.source``):
 * ``npz``: the array ``cfg.npz_key`` of the .npz file ``cfg.path``: uint8 [N, H, W(, C)]
   is image data, a float array [N, ...] is used as is (no scaling); labels from
   ``cfg.npz_label_key`` if set; held out as for digits.
-* ``toy``: a distribution of ``vdm.toy_data`` (``cfg.name``). ``train`` is a fresh
+* ``toy``: a distribution of ``vdm.toy_data`` (``cfg.name``); a Gaussian mixture's labels
+  are its components. ``train`` is a fresh
   sample of the global batch every step, drawn from (seed, step), when
   ``num_points == 0``, else a fixed set of ``num_points`` points (seed 002 trains on
   1000); ``test`` is a fixed set of ``num_test`` points. Fixed sets are drawn from
@@ -114,6 +115,7 @@ def default_config() -> ml_collections.ConfigDict:
         num_test=297,        # digits/folder/npz: examples held out as `test`; toy: test points
         skip_bad_files=False,  # source=folder: unreadable files stop the run (False) or are skipped
         workers=0,           # folder/tfds: threads decoding a batch's images; 0 = min(8, CPU count)
+        conditional=False,   # condition the model on the labels (class-conditional training)
     ))
 
 
@@ -143,7 +145,7 @@ def validate_config(cfg) -> ml_collections.ConfigDict:
     for field in ("channels", "image_size", "pad_to", "num_points", "num_test", "workers"):
         if not isinstance(c[field], int) or isinstance(c[field], bool) or c[field] < 0:
             raise _error(field, f"must be a non-negative int, got {c[field]!r}")
-    for field in ("dequantize", "random_flip", "skip_bad_files"):
+    for field in ("dequantize", "random_flip", "skip_bad_files", "conditional"):
         if not isinstance(c[field], bool):
             raise _error(field, f"must be True or False, got {c[field]!r}")
 
@@ -182,7 +184,25 @@ def validate_config(cfg) -> ml_collections.ConfigDict:
         for field in ("npz_key", "npz_label_key"):
             if (c[field] or field == "npz_key") and c[field] not in keys:
                 raise _error(field, f"{c[field]!r} is not in {c.path!r}; its arrays: {keys}")
+    _check_labels_exist(c)
     return c
+
+
+def _check_labels_exist(c) -> None:
+    """``conditional`` needs a source with labels: digits, TFDS (checked when the builder is
+    opened: a ``label`` ClassLabel feature), npz with ``npz_label_key``, a toy Gaussian mixture."""
+    if not c.conditional:
+        return
+    why = None
+    if c.source == "folder":
+        why = "source='folder' has no labels"
+    elif c.source == "npz" and not c.npz_label_key:
+        why = "source='npz' has labels only with config.data.npz_label_key set"
+    elif c.source == "toy" and not toy_data.get(c.name).num_classes:
+        labelled = sorted(n for n, d in toy_data.TOY_DISTRIBUTIONS.items() if d.num_classes)
+        why = f"toy distribution {c.name!r} has no labels (the Gaussian mixtures {labelled} do: their components)"
+    if why:
+        raise _error("conditional", f"True needs a data set with labels; {why}")
 
 
 def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -463,7 +483,7 @@ class Dataset:
         self._flip = is_8bit and cfg.random_flip and split == "train"
         self._permutations = {}
         self.num_examples = None if examples is None else len(examples)
-        first = sample(np.random.default_rng(0), 1) if examples is None else examples.load(np.array([0]))[0]
+        first = (sample(np.random.default_rng(0), 1) if examples is None else examples.load(np.array([0])))[0]
         if is_8bit and cfg.pad_to and any(d > cfg.pad_to for d in first.shape[1:3]):
             raise _error("pad_to", f"{cfg.pad_to} is smaller than the images {first.shape[1:3]}")
         self.data_shape = tuple(_pad(first, cfg.pad_to).shape[1:]) if is_8bit else tuple(first.shape[1:])
@@ -478,8 +498,11 @@ class Dataset:
         first = self.process_index * n
         if self._examples is None:
             rng = np.random.default_rng([self.seed, _TAG_TOY_STEP, int(step)])
-            x = self._sample(rng, self.global_batch_size)[first: first + n]
-            return self._shard({"x": x})
+            x, labels = self._sample(rng, self.global_batch_size)
+            batch = {"x": x[first: first + n]}
+            if self.num_classes:
+                batch["label"] = labels[first: first + n].astype(np.int32)
+            return self._shard(batch)
         positions = int(step) * self.global_batch_size + first + np.arange(n, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.num_examples)
         indices = np.empty_like(positions)
@@ -597,11 +620,16 @@ def build_dataset(data_config, *, split: str, global_batch_size: int, seed: int,
         if split == "test" and cfg.num_test == 0:
             raise _error("num_test", "is 0, so the toy source has no test split")
         size, tag = (cfg.num_points, _TAG_TOY_TRAIN) if split == "train" else (cfg.num_test, _TAG_TOY_TEST)
+        # (x, labels): a mixture's component labels (toy_data.ToyDistribution.sample_labelled), else None
+        sample = dist.sample_labelled or (lambda rng, n: (dist.sample(rng, n), None))
         examples = None
         if size:
-            examples = _Arrays(dist.sample(np.random.default_rng([DATA_SEED, tag, 0]), size), None)
-        return Dataset(**common, examples=examples, sample=dist.sample, num_classes=0, is_8bit=False,
+            examples = _Arrays(*sample(np.random.default_rng([DATA_SEED, tag, 0]), size))
+        return Dataset(**common, examples=examples, sample=sample, num_classes=dist.num_classes, is_8bit=False,
                        log_prob=dist.log_prob)
     examples, num_classes, is_8bit = _open_source(cfg, split)
+    if cfg.conditional and not num_classes:
+        raise _error("conditional", f"True needs a data set with labels; {cfg.source} {cfg.name or cfg.path!r} "
+                                    "has none")
     return Dataset(**common, examples=examples, sample=None, num_classes=num_classes, is_8bit=is_8bit,
                    log_prob=None)

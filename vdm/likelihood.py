@@ -211,7 +211,8 @@ UNIT_DEQUANTIZED = "bits/dim, 8-bit scale (dequantized density + log2(127.5))"
 
 def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dims: int | None = None,
                   log_prob_fn: Callable | None = None, max_batches: int | None = None,
-                  method: str = "", dequantized: bool = False, quantity: str = "negative ELBO") -> dict:
+                  method: str = "", dequantized: bool = False, quantity: str = "negative ELBO",
+                  labels: bool = False) -> dict:
     """The negative ELBO averaged over every example of ``batches``, with standard errors.
 
     ``terms_fn(params, key, x) -> dict`` gives per-example terms in nats,
@@ -221,7 +222,8 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
     Batch i gets the key ``fold_in(key, i)``. ``batches`` yields arrays
     [B, ...] or dicts with ``x`` [B, ...] and optionally ``mask`` [B] (False
     on padding, which is left out; see ``epoch_batches``); ``max_batches``
-    stops early.
+    stops early. With ``labels`` (a class-conditional model's bound on -log p(x | y)) it is
+    ``terms_fn(params, key, x, label)`` with the batches' ``label`` [B].
 
     With ``num_dims`` (images) every term is reported in bits/dim
     (``losses.bits_per_dim``), otherwise in nats per example. With
@@ -250,7 +252,7 @@ def negative_elbo(terms_fn: Callable, params, batches: Iterable, key, *, num_dim
         if max_batches is not None and i >= max_batches:
             break
         x, mask = _batch_x_mask(batch)
-        terms = jax.device_get(jitted(params, jax.random.fold_in(key, i), x))
+        terms = jax.device_get(jitted(params, jax.random.fold_in(key, i), x, *([batch["label"]] if labels else [])))
         if "total" not in terms:
             raise ValueError(f"terms_fn must return a dict with a 'total' entry, got keys {sorted(terms)}")
         values = {k: np.asarray(terms[k], np.float64) for k in ELBO_TERMS if k in terms}

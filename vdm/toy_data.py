@@ -1,6 +1,6 @@
 """Toy distributions in 1-D and 2-D, each a sampler and (where one exists) its exact log-density.
 
-A distribution is a ``ToyDistribution(name, dim, sample, log_prob)``:
+A distribution is a ``ToyDistribution(name, dim, sample, log_prob, sample_labelled, num_classes)``:
 
 * ``sample(rng, n) -> float32 [n, dim]`` draws i.i.d. points; ``rng`` is anything
   ``np.random.default_rng`` accepts (a ``np.random.Generator`` or an int seed).
@@ -8,6 +8,10 @@ A distribution is a ``ToyDistribution(name, dim, sample, log_prob)``:
   written in ``jax.numpy`` (jit/vmap/grad-safe, accepts NumPy arrays), so a model's
   ELBO can be compared with the true negative log-likelihood. It is ``None`` for
   the Swiss roll, whose points lie on a curve and have no density in 2-D.
+* ``sample_labelled(rng, n) -> (x, labels int32 [n])`` for a Gaussian mixture: the same
+  points as ``sample`` with the same ``rng``, each with the index of its component (the
+  class of class-conditional training); ``num_classes`` is the number of components.
+  ``None`` and 0 for the other distributions.
 
 ``get(name)`` returns one of ``TOY_DISTRIBUTIONS``:
 
@@ -46,6 +50,8 @@ class ToyDistribution(NamedTuple):
     dim: int
     sample: Callable[..., np.ndarray]
     log_prob: Optional[Callable]
+    sample_labelled: Optional[Callable] = None
+    num_classes: int = 0
 
 
 def _gaussian_mixture_log_prob(x, means, stds, weights):
@@ -57,11 +63,13 @@ def _gaussian_mixture_log_prob(x, means, stds, weights):
     return logsumexp(log_comp + jnp.log(jnp.asarray(weights, jnp.float32)), axis=-1)
 
 
-def _gaussian_mixture_sample(rng, n, means, stds, weights):
+def _gaussian_mixture_sample_labelled(rng, n, means, stds, weights):
+    """(x [n, D], component k [n]): k ~ Categorical(weights), x ~ N(means[k], diag(stds[k]^2))."""
     rng = np.random.default_rng(rng)
     means, stds = np.asarray(means, np.float64), np.asarray(stds, np.float64)
     k = rng.choice(len(weights), size=n, p=np.asarray(weights, np.float64))
-    return (means[k] + stds[k] * rng.standard_normal((n, means.shape[1]))).astype(np.float32)
+    x = (means[k] + stds[k] * rng.standard_normal((n, means.shape[1]))).astype(np.float32)
+    return x, k.astype(np.int32)
 
 
 def _mixture(name, means, stds, weights) -> ToyDistribution:
@@ -69,8 +77,10 @@ def _mixture(name, means, stds, weights) -> ToyDistribution:
     stds = np.broadcast_to(np.asarray(stds, np.float64), means.shape)
     return ToyDistribution(
         name, means.shape[1],
-        lambda rng, n: _gaussian_mixture_sample(rng, n, means, stds, weights),
-        lambda x: _gaussian_mixture_log_prob(x, means, stds, weights))
+        lambda rng, n: _gaussian_mixture_sample_labelled(rng, n, means, stds, weights)[0],
+        lambda x: _gaussian_mixture_log_prob(x, means, stds, weights),
+        lambda rng, n: _gaussian_mixture_sample_labelled(rng, n, means, stds, weights),
+        len(weights))
 
 
 # --- Swiss roll (seed 003) ---------------------------------------------------

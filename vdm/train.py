@@ -145,6 +145,11 @@ def update_key_and_index(rng, step, per_device_batch: int, accum_steps: int,
             micro * global_batch + global_example_index(per_device_batch, reductions))
 
 
+def batch_labels(objective, batch):
+    """The batch's labels for a class-conditional objective, None for an unconditional one."""
+    return batch["label"] if objective.num_classes else None
+
+
 def train_step(state: TrainState, batch, *, objective, optimizer, optim,
                reductions: parallel.Reductions = parallel.PMAP):
     """One optimisation step on this shard of the global batch: one device's share under
@@ -155,11 +160,11 @@ def train_step(state: TrainState, batch, *, objective, optimizer, optim,
     pmap). The importance sampler's history (if any) is updated with the losses of the
     whole global batch, gathered in global example order.
     """
-    x = batch["x"]
+    x, labels = batch["x"], batch_labels(objective, batch)
     key, index = update_key_and_index(state.rng, state.step, x.shape[0], optim.accum_steps, reductions)
 
     def mean_loss(params):
-        per_example, aux = objective.loss(params, key, index, x, state.loss_state, True)
+        per_example, aux = objective.loss(params, key, index, x, state.loss_state, True, labels)
         return per_example.mean(), aux
 
     (loss, aux), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
@@ -234,10 +239,10 @@ def eval_step(params, loss_state, batch, rng, batch_index, *, objective,
               reductions: parallel.Reductions = parallel.PMAP):
     """Sums over one eval batch of the held-out loss and of the -ELBO estimate (bits/dim),
     over the real examples (``batch["mask"]``), with per-example keys as in training."""
-    x, mask = batch["x"], batch["mask"]
+    x, mask, labels = batch["x"], batch["mask"], batch_labels(objective, batch)
     key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0], reductions)
-    loss, _ = objective.loss(params, key, index, x, loss_state, False)
-    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0))(params, build.example_keys(key, index), x)
+    loss, _ = objective.loss(params, key, index, x, loss_state, False, labels)
+    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0, 0))(params, build.example_keys(key, index), x, labels)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
     return reductions.sum(sums)
 
@@ -338,16 +343,17 @@ def diagnose_non_finite(setup: build.Setup, optimizer, optim, state: TrainState,
             break
         state = new_state
     step = first_step + j
-    x = batch["x"]
+    x, labels = batch["x"], batch_labels(setup.objective, batch)
 
-    def probe(params, x, loss_state):
+    def probe(params, x, loss_state, labels):
         key, index = update_key_and_index(state.rng[0], step, x.shape[0], optim.accum_steps)
-        per_example = lambda p: setup.objective.loss(p, key, index, x, loss_state, True)
+        per_example = lambda p: setup.objective.loss(p, key, index, x, loss_state, True, labels)
         (values, aux) = per_example(params)
         grads = jax.grad(lambda p: per_example(p)[0].mean())(params)
         return values, aux["t"], grads
 
-    values, t, grads = jax.device_get(jax.jit(jax.vmap(probe, axis_name=AXIS))(state.params, x, state.loss_state))
+    values, t, grads = jax.device_get(jax.jit(jax.vmap(probe, axis_name=AXIS))(state.params, x, state.loss_state,
+                                                                               labels))
     values, t = values.reshape(-1), t.reshape(-1)
     params = jax.tree.map(lambda a: a[0], state.params)
     lines = [f"non-finite {'loss' if not np.isfinite(metrics['loss']).all() else 'gradient'} at step {step + 1}"]

@@ -89,9 +89,10 @@ CLASSIFIER_FILE = "feature_classifier.npz"
 
 
 def load_or_train_classifier(workdir: str, batch_fn: Callable, num_classes: int, image_shape, *,
-                             num_steps: int = 1000, seed: int = 0) -> Callable:
+                             num_steps: int = 1000, seed: int = 0, output: str = "features") -> Callable:
     """The feature map ``images [N, H, W, C] -> features [N, 128]`` of a classifier trained on
-    the data set, cached as ``workdir/feature_classifier.npz``.
+    the data set, cached as ``workdir/feature_classifier.npz``; with ``output="labels"`` its
+    predicted labels [N] (the argmax of its logits) instead.
 
     On first use the classifier is trained (``train_classifier``, ``num_steps``
     batches from ``batch_fn``) and its parameters saved with their image shape
@@ -111,8 +112,13 @@ def load_or_train_classifier(workdir: str, batch_fn: Callable, num_classes: int,
                                         num_steps)
         os.makedirs(workdir, exist_ok=True)
         _save_params(path, params, {**meta, **info, "num_steps": num_steps})
+    if output not in ("features", "labels"):
+        raise ValueError(f"output must be 'features' or 'labels', got {output!r}")
     model = FeatureClassifier(num_classes)
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[1])
+    if output == "features":
+        apply = jax.jit(lambda p, x: model.apply({"params": p}, x)[1])
+    else:
+        apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x)[0], axis=-1))
 
     def features(images, batch_size: int = 500):
         images = np.asarray(images, np.float32)
