@@ -330,9 +330,9 @@ class UNetBench:
         import types
 
         from vdm import build
-        from vdm import train as train_lib
+        from vdm import train_step
 
-        self.train_lib, self.batch, self.k, self.image_shape = train_lib, batch, steps_per_call, tuple(image_shape)
+        self.train_lib, self.batch, self.k, self.image_shape = train_step, batch, steps_per_call, tuple(image_shape)
         self.config = unet_config(ch, ch_mult, batch, dtype, steps_per_call, attn_resolutions, T)
         data = types.SimpleNamespace(data_shape=self.image_shape, is_discrete_8bit=True)
         self.setup = build.build_setup(self.config, data)
@@ -517,7 +517,7 @@ def bench_input(jpeg_folder: str, workers: Sequence[int], batches: int, repeats:
 
 
 def fake_multi_step(step_seconds: float) -> Callable:
-    """A stand-in for ``vdm.train.multi_step`` (guarded signature): every step reads the mean
+    """A stand-in for ``vdm.train_step.multi_step`` (guarded signature): every step reads the mean
     of its batch and waits ``step_seconds`` in a host callback, i.e. a device busy for that long
     that leaves the host's CPUs free, as an accelerator does."""
     def wait(x):
@@ -569,13 +569,14 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
 
     from vdm import parallel
     from vdm import train as train_lib
+    from vdm import train_step
 
     make = fake_multi_step(step_seconds)
     runner = parallel.PmapRunner(make, lambda reductions: None)
     p_train = runner.train
     ds = build_input(input_sources(jpeg_folder)["jpeg folder 128 px"][0], batch, workers)
-    batches = runner.place_batches(train_lib._stack_steps([ds.get_batch(0)]))
-    state = runner.place_state(train_lib.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
+    batches = runner.place_batches(train_step.stack_steps([ds.get_batch(0)]))
+    state = runner.place_state(train_step.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
                                                     rng=jnp.zeros(2, jnp.uint32), loss_state={}))
     bad = runner.flag(-1)
     jax.block_until_ready(p_train(state, batches, bad))
@@ -593,8 +594,8 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
     ds.close()
     result = {"step_seconds_alone": summary(alone), "load_seconds_per_batch": summary(load), "batch": batch,
               "workers": workers, "steps": steps, "fake_step_seconds": step_seconds}
-    original = train_lib.multi_step
-    train_lib.multi_step = make
+    original = train_step.multi_step
+    train_step.multi_step = make
     try:
         for prefetch in (2, 0):
             config = overlap_config(jpeg_folder, batch, steps)
@@ -607,7 +608,7 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
             result[f"loop_prefetch_{prefetch}"] = {"seconds_per_step": per_step,
                                                    "over_step_alone": ratio(per_step, result["step_seconds_alone"])}
     finally:
-        train_lib.multi_step = original
+        train_step.multi_step = original
     return result
 
 
@@ -652,13 +653,13 @@ def abstract_train_state(config, image_shape):
     import types
 
     from vdm import build
-    from vdm import train as train_lib
+    from vdm import train_step
 
     data = types.SimpleNamespace(data_shape=tuple(image_shape), is_discrete_8bit=True)
     setup = build.build_setup(config, data)
-    optimizer = train_lib.make_optimizer(config.optim, config.train.num_steps)
+    optimizer = train_step.make_optimizer(config.optim, config.train.num_steps)
     params = jax.eval_shape(setup.init_params, jax.random.PRNGKey(0))
-    state = train_lib.TrainState(
+    state = train_step.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=params, ema_params=params,
         opt_state=jax.eval_shape(optimizer.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
         loss_state=jax.eval_shape(setup.objective.init_loss_state))
@@ -673,7 +674,7 @@ def bench_memory(preset: str, devices: int, dtype: str) -> dict:
     state (from the shardings), the batch, and the temporaries (activations, gradients,
     gathered parameters)."""
     from vdm import parallel
-    from vdm import train as train_lib
+    from vdm import train_step
     from vdm.models import presets
 
     size, batch = MEMORY_PRESETS[preset]
@@ -686,9 +687,9 @@ def bench_memory(preset: str, devices: int, dtype: str) -> dict:
     out = {"num_params": num_params, "image_size": size, "global_batch": batch, "devices": devices, "fsdp": {}}
     for fsdp in sorted({1, devices}):
         mesh = parallel.make_mesh(fsdp, jax.devices()[:devices])
-        steps = lambda reductions: train_lib.multi_step(reductions, objective=setup.objective,  # noqa: E731
+        steps = lambda reductions: train_step.multi_step(reductions, objective=setup.objective,  # noqa: E731
                                                         optimizer=optimizer, optim=config.optim)
-        evals = lambda reductions: functools.partial(train_lib.eval_step, objective=setup.objective,  # noqa: E731
+        evals = lambda reductions: functools.partial(train_step.eval_step, objective=setup.objective,  # noqa: E731
                                                      reductions=reductions)
         runner = parallel.MeshRunner(steps, evals, state, mesh, config.train.fsdp_min_size, donate=True)
         x = jax.ShapeDtypeStruct((1, batch, size, size, 3), jnp.float32, sharding=runner.batch_sharding)

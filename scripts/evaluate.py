@@ -71,7 +71,6 @@ from vdm import cli  # noqa: E402  (after the path insert)
 
 cli.quiet_startup()
 
-ELBO_METHODS = ("exact", "mc", "ode")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (checkpoints/ and config.json).", required=True)
 _CONFIG = cli.define_config_file("config", None, "Config file (default: workdir/config.json).", lock_config=False)
@@ -127,12 +126,14 @@ _OUT = flags.DEFINE_string("out", "", "Output JSON (default: <workdir>/eval_<spl
 
 def elbo_methods(values, discrete: bool, exact_T: int = 0) -> list:
     """The --elbo methods; exact needs a discrete model or, in continuous time, exact_T > 0."""
+    from vdm import bounds
+
     methods = values or (["exact"] if discrete else ["mc"])
     if methods == ["none"]:
         return []
     for m in methods:
-        if m not in ELBO_METHODS:
-            raise app.UsageError(f"--elbo={m!r}: allowed values are {ELBO_METHODS} (comma-separated) or none")
+        if m not in bounds.ELBO_METHODS:
+            raise app.UsageError(f"--elbo={m!r}: allowed values are {bounds.ELBO_METHODS} (comma-separated) or none")
         if m == "exact" and not discrete and exact_T < 1:
             raise app.UsageError("--elbo=exact needs a discrete-time model (diffusion.time = 'discrete') or, "
                                  "in continuous time, --exact_T=T (the T-step bound); else use mc")
@@ -156,59 +157,20 @@ def ode_divergence(num_dims: int) -> str:
     return "exact" if num_dims <= 16 else "hutchinson"
 
 
-def elbo_terms_fn(method, setup, config, decoder, num_samples, chunk, images=False, num_dims=1, exact_T=0,
-                  model_fn_of=None):
-    """The per-example terms function of ``vdm.likelihood`` for a method and this model
-    (``model_fn_of(params)``: the model function, by default the network's without labels)."""
-    from vdm import build, likelihood, ode_likelihood
+def terms_fn_of(method, setup, config, decoder, num_samples, chunk, images, num_dims, exact_T):
+    """``vdm.bounds.elbo_terms`` of this model with the flags' settings; a class-conditional
+    model's ``bounds.conditional_terms`` (its bound on -log p(x | y), each example's label)."""
+    from vdm import bounds, build
 
-    d, process = config.diffusion, setup.process
-    model_fn_of = model_fn_of or (lambda p: build.make_model_fn(setup.network, process, d.time_input, p))
-    if method == "ode":
-        if process.discrete:
-            grid_of = lambda p: ode_likelihood.discrete_grid(process.schedule.log_snr, _ODE_STEPS.value)
-        else:
-            grid_of = lambda p: ode_likelihood.continuous_grid(lambda t: process.log_snr(p, t), _ODE_STEPS.value)
-        return likelihood.ode_nll_terms(model_fn_of, grid_of, parameterization=d.parameterization,
-                                      variance_type=d.variance, divergence=ode_divergence(num_dims),
-                                      num_probes=_ODE_PROBES.value,
-                                      dequantize=images and not config.data.dequantize)
-    if not process.discrete:  # the VDM bound, on the path's own interval (build.elbo_time)
-        tau = build.elbo_time(d)
-        bound_model_fn_of = lambda p: (lambda z, u: model_fn_of(p)(z, tau(u)))
-        bound_log_snr = lambda p, u: process.log_snr(p, tau(u))
-        if method == "exact":
-            return likelihood.vdm_elbo_exact_terms(bound_model_fn_of, bound_log_snr, exact_T, chunk=chunk,
-                                                   parameterization=d.parameterization, decoder=decoder)
-        return likelihood.vdm_elbo_terms(bound_model_fn_of, bound_log_snr, num_samples, T=d.T,
-                                         parameterization=d.parameterization, decoder=decoder)
-    if not process.discrete:
-        return likelihood.vdm_elbo_terms(model_fn_of, process.log_snr, num_samples, T=d.T,
-                                       parameterization=d.parameterization, decoder=decoder)
-    common = dict(parameterization=d.parameterization, variance_type=d.variance, decoder=decoder)
-    if method == "exact":
-        return likelihood.discrete_elbo_terms(model_fn_of, process.schedule, chunk=chunk, **common)
-    return likelihood.discrete_elbo_mc_terms(model_fn_of, process.schedule, num_samples, **common)
+    def terms_of_label(label=None):
+        model_fn_of = lambda p: build.make_model_fn(setup.network, setup.process,  # noqa: E731
+                                                    config.diffusion.time_input, p, labels=label)
+        return bounds.elbo_terms(method, setup.process, model_fn_of, config.diffusion, decoder=decoder,
+                                 num_samples=num_samples, chunk=chunk, exact_T=exact_T, ode_steps=_ODE_STEPS.value,
+                                 ode_divergence=ode_divergence(num_dims), ode_probes=_ODE_PROBES.value,
+                                 dequantize=images and not config.data.dequantize)
 
-
-def conditional_terms_fn(method, setup, config, *args):
-    """``terms_fn(params, key, x, labels)`` of a class-conditional model: the bound on
-    -log p(x_i | y_i) of ``elbo_terms_fn(method, ...)``, one example at a time (each with its
-    own label and key) under ``vmap``."""
-    import jax
-
-    from vdm import build
-
-    def terms_fn(params, key, x, labels):
-        def one(k, xi, yi):
-            model_fn_of = lambda p: build.make_model_fn(setup.network, setup.process, config.diffusion.time_input,
-                                                        p, labels=yi)
-            terms = elbo_terms_fn(method, setup, config, *args, model_fn_of=model_fn_of)(params, k, xi[None])
-            return jax.tree.map(lambda v: v[0], terms)
-
-        return jax.vmap(one)(jax.random.split(key, x.shape[0]), x, labels)
-
-    return terms_fn
+    return bounds.conditional_terms(terms_of_label) if setup.network.num_classes else terms_of_label()
 
 
 def with_null_labels(batches, null_class: int):
@@ -507,9 +469,8 @@ def main(argv):
     if _NULL_LABEL.value and not conditional:
         raise app.UsageError("--null_label needs a class-conditional model (config.data.conditional = True)")
     for m in methods:
-        args = (decoder, num_samples, _CHUNK.value or ev.elbo_chunk, images, dims, exact_T)
-        terms_fn = (conditional_terms_fn(m, setup, config, *args) if conditional
-                    else elbo_terms_fn(m, setup, config, *args))
+        terms_fn = terms_fn_of(m, setup, config, decoder, num_samples, _CHUNK.value or ev.elbo_chunk, images, dims,
+                               exact_T)
         if m == "ode":
             probes = (f"Hutchinson, {_ODE_PROBES.value} Rademacher probes" if ode_divergence(dims) == "hutchinson"
                       else "exact divergence")

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 def allowed_values() -> dict:
     """{field path: allowed values} of the fields with a fixed choice list."""
     from vdm import config as config_lib
-    from vdm import data, diffusion, losses, models, parallel, samplers, schedules
+    from vdm import bounds, data, diffusion, losses, models, parallel, samplers, schedules
 
     choices = {
         "data.source": data.SOURCES, "model.name": tuple(models.NETWORKS), "model.dtype": ("float32", "bfloat16"),
@@ -36,7 +36,7 @@ def allowed_values() -> dict:
         "loss.name": losses.LOSS_KINDS + ("vdm",), "loss.loss_type": losses.LOSS_TYPES,
         "loss.weighting": losses.WEIGHTINGS, "loss.target": ("",) + diffusion.PARAMETERIZATIONS,
         "loss.decoder": ("auto",) + losses.VDM_DECODERS, "optim.decay": config_lib.DECAYS,
-        "eval.elbo": config_lib.ELBO_METHODS, "sample.sampler": samplers.SAMPLERS,
+        "eval.elbo": bounds.EVAL_METHODS, "sample.sampler": samplers.SAMPLERS,
         "sample.spacing": samplers.DISCRETE_SPACINGS, "train.parallelism": parallel.PARALLELISMS,
     }
     for path, value in _leaves(config_lib.defaults().to_dict()).items():

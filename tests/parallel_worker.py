@@ -32,7 +32,7 @@ def main(out_dir):
     import numpy as np
 
     from tests.train_worker import tiny_config
-    from vdm import build, data, parallel, train
+    from vdm import build, data, parallel, train_step
 
     c = tiny_config()
     c.train.steps_per_call = STEPS
@@ -43,17 +43,17 @@ def main(out_dir):
     eval_ds = data.build_dataset(c.data, split="test", global_batch_size=batch, seed=0, process_index=0,
                                  process_count=1, local_device_count=1)
     setup = build.build_setup(c, ds)
-    optimizer = train.make_optimizer(c.optim, c.train.num_steps)
+    optimizer = train_step.make_optimizer(c.optim, c.train.num_steps)
     params = setup.init_params(jax.random.PRNGKey(0))
-    init = jax.device_get(train.TrainState(step=jnp.int32(0), params=params, ema_params=params,
+    init = jax.device_get(train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params,
                                            opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1),
                                            loss_state=setup.objective.init_loss_state()))
     x = np.stack([ds.get_batch(i)["x"][0] for i in range(STEPS)])  # [k, B, ...], the global batches
     eval_batch = next(eval_ds.iterate_epoch(batch))  # [1, B, ...] with its mask
-    step = lambda reductions: train.multi_step(  # noqa: E731
+    step = lambda reductions: train_step.multi_step(  # noqa: E731
         reductions, objective=setup.objective, optimizer=optimizer, optim=c.optim)
     evaluate_step = lambda reductions: functools.partial(  # noqa: E731
-        train.eval_step, objective=setup.objective, reductions=reductions)
+        train_step.eval_step, objective=setup.objective, reductions=reductions)
     rng, index = jax.random.PRNGKey(2), np.int32(0)
 
     def run(runner, n, with_eval=True):

@@ -107,7 +107,7 @@ def test_conditional_toy_model_samples_the_requested_component():
     the guided sampler compiles once per w (new labels or parameters reuse it)."""
     import flax
 
-    from vdm import checkpoints, train
+    from vdm import checkpoints, train_step
 
     c = tiny_config()
     c.model.update(dict(hidden=64, depth=2, embed_dim=16))
@@ -116,11 +116,11 @@ def test_conditional_toy_model_samples_the_requested_component():
     ds = data.build_dataset(c.data, split="train", global_batch_size=128, seed=0)
     setup = build.build_setup(c, ds)
     params = setup.init_params(jax.random.PRNGKey(0))
-    tx = train.make_optimizer(c.optim, c.train.num_steps)
-    state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+    tx = train_step.make_optimizer(c.optim, c.train.num_steps)
+    state = train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
                              rng=jax.random.PRNGKey(1), loss_state={})
     batches = {k: np.stack([ds.get_batch(i)[k] for i in range(400)], axis=1) for k in ("x", "label")}
-    state, _ = train.make_p_train(setup.objective, tx, c.optim)(flax.jax_utils.replicate(state), batches)
+    state, _ = train_step.make_p_train(setup.objective, tx, c.optim)(flax.jax_utils.replicate(state), batches)
     ema = checkpoints.unreplicate(state).ema_params
     labels = np.repeat(np.arange(2, dtype=np.int32), 200)
 

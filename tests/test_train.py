@@ -347,20 +347,20 @@ def test_optimizer_stepped_follows_multisteps():
     """With accumulation over 2 micro-batches the optimiser steps on every 2nd update only."""
     import jax.numpy as jnp
 
-    from vdm import train
+    from vdm import train_step
 
     c = config_lib.defaults()
     c.optim.accum_steps = 2
-    tx = train.make_optimizer(c.optim, 10)
+    tx = train_step.make_optimizer(c.optim, 10)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     stepped = []
     for _ in range(4):
         _, state = tx.update({"w": jnp.ones(3)}, state, params)
-        stepped.append(bool(train.optimizer_stepped(tx, state)))
+        stepped.append(bool(train_step.optimizer_stepped(tx, state)))
     assert stepped == [False, True, False, True]
     c.optim.accum_steps = 1
-    assert bool(train.optimizer_stepped(train.make_optimizer(c.optim, 10), None))
+    assert bool(train_step.optimizer_stepped(train_step.make_optimizer(c.optim, 10), None))
 
 
 def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
@@ -372,7 +372,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
 
     import configs.image_folder as image_folder
     from tests.conftest import make_image_folder
-    from vdm import build, checkpoints, data, parallel, train
+    from vdm import build, checkpoints, data, parallel, train_step
 
     folder, _ = make_image_folder(tmp_path / "images")
     c = image_folder.get_config()
@@ -389,10 +389,10 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     batches = [ds.get_batch(i)["x"] for i in range(4)]
 
     def run(optim, num_steps, xs):
-        tx = train.make_optimizer(optim, num_steps)
-        state = train.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+        tx = train_step.make_optimizer(optim, num_steps)
+        state = train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
                                  rng=jax.random.PRNGKey(1), loss_state={})
-        p_train = train.make_p_train(setup.objective, tx, optim)
+        p_train = train_step.make_p_train(setup.objective, tx, optim)
         state, _ = p_train(parallel.replicate(state), {"x": np.stack(xs, axis=1)})
         return checkpoints.unreplicate(state)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdm import bounds
 from vdm import diffusion
 from vdm import losses
 from vdm import models
@@ -176,19 +177,6 @@ class Objective(NamedTuple):
     num_classes: int = 0
 
 
-def elbo_time(diffusion_cfg: ml_collections.ConfigDict) -> Callable:
-    """u in [0, 1] -> the time at which the VDM bound (``losses.vdm_loss``) evaluates the path.
-
-    The identity, except for a path whose log-SNR is infinite at its ends (the 'flow'
-    schedule: +inf at t = 0, SNR 0 at t = 1), which has no finite prior or decoder term: its
-    bound is that of the path on [T_CLIP, 1 - T_CLIP] (score_sde's eps = 1e-5, the interval of
-    its likelihoods), t = T_CLIP + (1 - 2 T_CLIP) u, prior at the upper end, decoder at the lower.
-    """
-    if diffusion_cfg.time == "continuous" and diffusion_cfg.schedule == "flow":
-        return losses.clipped_time
-    return lambda u: u
-
-
 def decoder_for(loss_cfg: ml_collections.ConfigDict, discrete_8bit: bool) -> str:
     """``loss.decoder``, with "auto" resolved from the data: 8-bit data get the discretized
     Gaussian (discrete time) or VDM's categorical decoder (continuous), real data a Gaussian."""
@@ -242,17 +230,10 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
             return values, ({"t": metrics["t"], "vlb_term": metrics["vlb_term"]} if importance
                             else {"t": metrics["t"]})
 
-        def nelbo_nats(params, key, x, label):
-            fn = model_fn(params, None, False, label)
-            if ev.elbo == "exact":
-                return losses.discrete_elbo(fn, key, x[None], process.schedule, chunk=ev.elbo_chunk,
-                                            **common)["total"][0]
-            return losses.discrete_elbo_mc(fn, key, x[None], process.schedule, ev.elbo_samples,
-                                           **common)["total"][0]
     else:
         common = dict(T=d.T, parameterization=d.parameterization, decoder=decoder,
                       schedule_gradient=lc.schedule_gradient)
-        bound_time = elbo_time(d)
+        bound_time = bounds.elbo_time(d)
 
         def vdm_nats(params, key, index, x, train, labels):
             k_t, k_eps, k_eps0, k_offset, k_drop = split(key, index)
@@ -285,14 +266,13 @@ def build_objective(config: ml_collections.ConfigDict, network, process: Process
 
         loss = simple_continuous_loss if lc.name == "simple" else vdm_bpd_loss
 
-        def nelbo_nats(params, key, x, label):
-            index = jnp.arange(ev.elbo_samples)
-            return jnp.mean(vdm_nats(params, key, index, jnp.broadcast_to(x, (ev.elbo_samples,) + x.shape),
-                                     False, label)[0])
-
     def nelbo_bpd(params, key, x, label=None):
-        """bits/dim on the 8-bit scale: a dequantized density's bound gets log2(127.5) per dim."""
-        nats = nelbo_nats(params, key, x, label)
+        """The ``eval.elbo`` estimate (``bounds.elbo_terms``) in bits/dim on the 8-bit scale: a
+        dequantized density's bound gets log2(127.5) per dim."""
+        model_fn_of = lambda p: make_model_fn(network, process, d.time_input, p, labels=label)  # noqa: E731
+        terms_fn = bounds.elbo_terms(ev.elbo, process, model_fn_of, d, decoder=decoder, num_samples=ev.elbo_samples,
+                                     chunk=ev.elbo_chunk, exact_T=d.T)
+        nats = terms_fn(params, key, x[None])["total"][0]
         if config.data.dequantize:
             nats = losses.dequantized_nats(nats, x.size)
         return losses.bits_per_dim(nats, x.size)

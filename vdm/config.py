@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from vdm import bounds
 from vdm import data as data_lib
 from vdm import diffusion as diffusion_lib
 from vdm import losses
@@ -29,7 +30,6 @@ SECTIONS = ("data", "model", "diffusion", "loss", "optim", "train", "eval", "sam
 TIMES = ("discrete", "continuous")
 TIME_INPUTS = ("t", "log_snr")
 CONTINUOUS_SCHEDULES = schedules.CONTINUOUS_SCHEDULES + ("learned",)
-ELBO_METHODS = ("mc", "exact")
 CONTINUOUS_LOSSES = ("vdm", "simple")  # simple: losses.continuous_simple_loss (EDM, flow matching)
 DECAYS = ("constant", "cosine")
 
@@ -311,7 +311,7 @@ def validate_eval(ev: ml_collections.ConfigDict, train: ml_collections.ConfigDic
         _int_at_least(ev, name, "eval", 1)
     _int_at_least(ev, "num_batches", "eval", 0)
     _int_at_least(ev, "elbo_samples", "eval", 2)
-    _one_of(ev, "elbo", "eval", ELBO_METHODS)
+    _one_of(ev, "elbo", "eval", bounds.EVAL_METHODS)
     if ev.every % train.steps_per_call:
         _fail("eval.every", ev.every, f"must be a multiple of train.steps_per_call = {train.steps_per_call}")
     n = jax.device_count()

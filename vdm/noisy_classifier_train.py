@@ -43,6 +43,7 @@ from vdm import diffusion
 from vdm import losses
 from vdm import models
 from vdm import train as train_lib
+from vdm import train_step
 
 META_FILE = "classifier.json"
 SECTIONS = ("data", "diffusion", "model", "optim", "train", "eval")
@@ -134,7 +135,7 @@ def classifier_loss(network, process: build.Process, params, key, index, x, labe
 def make_train_step(network, process, optimizer, optim) -> Callable:
     """jitted ``(state, x, labels) -> (state, metrics)``: one AdamW step and the EMA update."""
 
-    def step(state: train_lib.TrainState, x, labels):
+    def step(state: train_step.TrainState, x, labels):
         key = jax.random.fold_in(state.rng, state.step)
         index = jnp.arange(x.shape[0])
         grad_fn = jax.value_and_grad(lambda p: classifier_loss(network, process, p, key, index, x, labels),
@@ -142,8 +143,8 @@ def make_train_step(network, process, optimizer, optim) -> Callable:
         (loss, acc), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_rate = jnp.where(train_lib.optimizer_stepped(optimizer, opt_state),
-                             1.0 - train_lib.ema_decay(optim, state.step), 0.0)
+        ema_rate = jnp.where(train_step.optimizer_stepped(optimizer, opt_state),
+                             1.0 - train_step.ema_decay(optim, state.step), 0.0)
         ema_params = optax.incremental_update(params, state.ema_params, ema_rate)
         metrics = {"loss": loss, "train_accuracy": acc, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
@@ -178,7 +179,7 @@ def _compiled(network, diffusion_json: str, optim_json: str, num_steps: int) -> 
     repeated run in the same process reuses the compiled step (the configs enter as JSON)."""
     process = build.build_process(ml_collections.ConfigDict(json.loads(diffusion_json)))
     optim = ml_collections.ConfigDict(json.loads(optim_json))
-    optimizer = train_lib.make_optimizer(optim, num_steps)
+    optimizer = train_step.make_optimizer(optim, num_steps)
     return Compiled(process, optimizer, jax.jit(network.init), make_train_step(network, process, optimizer, optim),
                     make_correct_fn(network, process))
 
@@ -227,7 +228,7 @@ def build_classifier(config: ml_collections.ConfigDict, meta: dict):
                                    tuple(meta["log_snr_range"]))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_lib.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
     """Train the classifier of ``config`` in ``workdir`` (resuming from its latest checkpoint),
     evaluating accuracy against noise level every ``eval.every`` steps; returns the final state."""
     validate_config(config)
@@ -252,13 +253,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     x0 = jnp.zeros((1,) + train_ds.data_shape, jnp.float32)
     params = fns.init(jax.random.fold_in(root, 0), x0, jnp.zeros((1,), jnp.float32))["params"]
     optimizer = fns.optimizer
-    init = jax.device_get(train_lib.TrainState(step=jnp.int32(0), params=params, ema_params=params,
+    init = jax.device_get(train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params,
                                                opt_state=optimizer.init(params), rng=jax.random.fold_in(root, 1),
                                                loss_state={}))
     manager = checkpoints.checkpoint_manager(workdir, tc)
     state = jax.device_put(checkpoints.restore_or_init(manager, init))
     step = int(state.step)
-    log = train_lib._Log(workdir, chief=True)
+    log = train_lib.MetricLog(workdir, chief=True)
     log.console(f"{'resumed from' if step else 'starting at'} step {step}; classifier with "
                 f"{sum(a.size for a in jax.tree.leaves(params))} parameters, log-SNR range {meta['log_snr_range']}")
     times = evaluation_times(process, config.eval.num_levels)

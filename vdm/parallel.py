@@ -32,7 +32,6 @@ batch rows of process p are one contiguous block, the one ``vdm.data`` gives it.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, NamedTuple
 
