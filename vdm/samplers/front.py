@@ -64,6 +64,9 @@ def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigm
         if not full:
             raise ValueError("variance_type 'learned' is the log-variance of one step t -> t-1 and cannot be "
                              "respaced or used in continuous time; use all T steps or learned_range")
+    if guidance_scale is not None and not (guidance_scale >= 0 and np.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (0: the conditional model), "
+                         f"got {guidance_scale!r}")
     if guidance_scale is not None and (labels is None or null_label is None):
         raise ValueError("guidance_scale needs labels and null_label (classifier-free guidance)")
     if labels is not None and np.shape(labels) != shape[:1]:
