@@ -10,6 +10,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from vdm import data, toy_data
+from vdm.data import sources
 
 
 def make(overrides=None, *, split="train", batch=8, seed=0, process_index=0, process_count=1, devices=1):
@@ -281,7 +282,7 @@ def no_reads(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("data was read before the config was validated")
     monkeypatch.setattr(tfds, "data_source", forbidden)
-    monkeypatch.setattr(data, "load_digits", forbidden)
+    monkeypatch.setattr(sources, "load_digits", forbidden)
 
 
 def test_bad_configs_fail_before_reading_data(tmp_path, no_reads):
