@@ -1,6 +1,6 @@
 """Train the noise-conditional classifier of classifier guidance (vdm.noisy_classifier_train).
 
-    python scripts/train_classifier.py --config=configs/digits_classifier.py --workdir=runs/digits_classifier
+    python scripts/train_classifier.py --config=configs/classifier/digits.py --workdir=runs/digits_classifier
     python scripts/sample.py --workdir=runs/default --classifier_workdir=runs/digits_classifier \
         --label=3 --classifier_scale=2
 
@@ -23,7 +23,7 @@ from vdm import cli  # noqa: E402  (after the path insert)
 
 cli.quiet_startup()
 
-_CONFIG = cli.define_config_file("config", "configs/digits_classifier.py", "Classifier config file.",
+_CONFIG = cli.define_config_file("config", "configs/classifier/digits.py", "Classifier config file.",
                                  lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/digits_classifier", "Directory for checkpoints and logs.")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "Do not train: print the latest checkpoint's held-out accuracy "

@@ -100,7 +100,7 @@ def test_guided_sampling_puts_samples_on_the_labelled_component(sampler, steps, 
 
 
 def _tiny_config(num_steps):
-    import configs.digits_classifier as cfg
+    import configs.classifier.digits as cfg
 
     c = cfg.get_config()
     c.model.update(dict(ch=8, ch_mult=(1,), num_res_blocks=1, num_groups=4))

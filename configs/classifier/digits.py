@@ -1,6 +1,6 @@
 """The noise-conditional classifier of classifier guidance for the default digits run.
 
-    python scripts/train_classifier.py --config=configs/digits_classifier.py --workdir=runs/digits_classifier
+    python scripts/train_classifier.py --config=configs/classifier/digits.py --workdir=runs/digits_classifier
 
 The forward process (``diffusion``), data and seed are the default run's (configs/digits.py:
 cosine schedule, T = 1000, the 1,500 training scans, 297 held out), so the classifier sees x_t at
