@@ -48,7 +48,8 @@ def main(out_dir):
     init = jax.device_get(train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params,
                                            opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1),
                                            loss_state=setup.objective.init_loss_state()))
-    x = np.stack([ds.get_batch(i)["x"][0] for i in range(STEPS)])  # [k, B, ...], the global batches
+    # [k, B, ...]: the global batches (the tiny config is class-conditional: x and label)
+    steps = {key: np.stack([ds.get_batch(i)[key][0] for i in range(STEPS)]) for key in ("x", "label")}
     eval_batch = next(eval_ds.iterate_epoch(batch))  # [1, B, ...] with its mask
     step = lambda reductions: train_step.multi_step(  # noqa: E731
         reductions, objective=setup.objective, optimizer=optimizer, optim=c.optim)
@@ -59,10 +60,10 @@ def main(out_dir):
     def run(runner, n, with_eval=True):
         local = lambda a: a.reshape((n, -1) + a.shape[1:])  # noqa: E731  [B, ...] -> [n, B / n, ...]
         if runner.name == "pmap":
-            batches = {"x": np.stack([local(b) for b in x], axis=1)}  # [n, k, B / n, ...]
+            batches = {key: np.stack([local(b) for b in v], axis=1) for key, v in steps.items()}  # [n, k, B / n]
             eval_in = {k: local(v[0]) for k, v in eval_batch.items()}
         else:  # the loop's [local devices, k, b, ...] layout; one process holds the whole batch
-            batches = {"x": x[None]}
+            batches = {key: v[None] for key, v in steps.items()}
             eval_in = eval_batch
         state = runner.place_state(init)
         state, metrics, _ = runner.train(state, runner.place_batches(batches), runner.flag(-1))

@@ -456,7 +456,7 @@ def test_non_finite_step_between_checks_is_named_and_the_checkpoint_before_it_ke
     path = str(tmp_path / "points.npz")
     np.savez(path, x=x)
     cfg = tiny_config().data
-    cfg.update(dict(source="npz", path=path, num_test=8))
+    cfg.update(dict(source="npz", path=path, num_test=8, conditional=False))
     build = lambda: data.build_dataset(cfg, split="train", global_batch_size=batch, seed=0, process_index=0,
                                        process_count=1, local_device_count=1)
     victim = int(build().get_batch(planted_step)["x"][0, 0, 0])
@@ -468,7 +468,7 @@ def test_non_finite_step_between_checks_is_named_and_the_checkpoint_before_it_ke
     assert nan_steps[0] == planted_step, nan_steps  # the data module agrees where the NaN is
 
     workdir = tmp_path / "run"
-    proc = subprocess.run(_cmd(workdir, 1, "data.source='npz'", f"data.path='{path}'", "data.num_test=8",
+    proc = subprocess.run(_cmd(workdir, 1, "data.source='npz'", f"data.path='{path}'", "data.num_test=8", "data.conditional=False",
                                "train.num_steps=20", "train.log_every=4", "train.checkpoint_every=4",
                                "eval.every=20"),
                           env=ENV, capture_output=True, text=True, timeout=240)
