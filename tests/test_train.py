@@ -469,7 +469,8 @@ def test_non_finite_step_between_checks_is_named_and_the_checkpoint_before_it_ke
 
     workdir = tmp_path / "run"
     proc = subprocess.run(_cmd(workdir, 1, "data.source='npz'", f"data.path='{path}'", "data.num_test=8",
-                               "data.conditional=False", "train.num_steps=20", "train.log_every=4", "train.checkpoint_every=4",
+                               "data.conditional=False", "train.label_dropout=0.0", "train.num_steps=20",
+                               "train.log_every=4", "train.checkpoint_every=4",
                                "eval.every=20"),
                           env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
