@@ -1,5 +1,6 @@
 """vdm.data and vdm.toy_data: shapes and scaling of every source, determinism, sharding, epochs, densities."""
 import math
+import shutil
 
 import jax
 import ml_collections
@@ -254,6 +255,37 @@ def test_image_folder_resize_centre_crop_and_split(tmp_path):
     assert grey.data_shape == (16, 16, 1)
     train, test = make({**cfg, "num_test": 1}, batch=2), make({**cfg, "num_test": 1}, split="test", batch=1)
     assert (train.num_examples, test.num_examples) == (2, 1)
+
+
+def test_image_folder_sub_folders_are_the_classes(tmp_path):
+    """data.conditional on a folder: an image's top-level sub-folder is its class, numbered in
+    sorted name order (ImageFolder's rule), through every worker count and both splits; images
+    directly under the folder, or a single class, are refused naming config.data.conditional."""
+    grey = {"bird": 40, "cat": 120, "dog": 220}  # each class's grey level identifies it in the batch
+    for name, level in grey.items():
+        for i in range(3):
+            (tmp_path / name / ("deeper" if i == 2 else "")).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), level, np.uint8)).save(
+                tmp_path / name / ("deeper" if i == 2 else "") / f"{i}.png")
+    cfg = {"source": "folder", "path": str(tmp_path), "image_size": 8, "channels": 1, "num_test": 3,
+           "conditional": True}
+    for split, n in (("train", 6), ("test", 3)):
+        for workers in (1, 2):
+            ds = make({**cfg, "workers": workers}, split=split, batch=n)
+            assert ds.num_classes == 3
+            x, y = all_examples(ds, n)
+            classes = np.argmin(np.abs(levels(x)[:, 0, 0, 0, None] - np.array(list(grey.values()))), axis=1)
+            np.testing.assert_array_equal(y, classes)
+    assert set(all_examples(make(cfg, batch=6), 6)[1]) | set(all_examples(make(cfg, split="test", batch=3), 3)[1]) \
+        == {0, 1, 2}
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match=r"config\.data\.conditional.*no class sub-folder.*loose\.png"):
+        make(cfg, batch=6)
+    (tmp_path / "loose.png").unlink()
+    for name in ("cat", "dog"):
+        shutil.rmtree(tmp_path / name)
+    with pytest.raises(ValueError, match=r"config\.data\.conditional.*has 1 \(\['bird'\]\)"):
+        make(cfg, batch=2)
 
 
 def test_npz_images_and_float_data(tmp_path):

@@ -32,6 +32,21 @@ def image_files(folder: pathlib.Path) -> list[pathlib.Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def class_labels(root, files) -> tuple[np.ndarray, tuple]:
+    """(labels [n], class names): a file's class is its top-level sub-folder under ``root``,
+    the classes numbered in sorted name order (torchvision's ImageFolder convention). A file
+    directly under ``root`` has no class: ValueError naming it."""
+    root = pathlib.Path(root)
+    tops = [pathlib.Path(f).relative_to(root).parts for f in files]
+    loose = [os.path.join(*t) for t in tops if len(t) == 1]
+    if loose:
+        raise ValueError(f"{len(loose)} image(s) directly under {str(root)!r} have no class sub-folder "
+                         f"(e.g. {loose[0]!r}); put every image in <path>/<class>/...")
+    names = tuple(sorted({t[0] for t in tops}))
+    index = {name: k for k, name in enumerate(names)}
+    return np.array([index[t[0]] for t in tops], np.int32), names
+
+
 def fit_image(image: Image.Image, size: int) -> Image.Image:
     """Scales the shorter side to `size` (bicubic, antialiased) and crops the centre square."""
     w, h = image.size
@@ -113,19 +128,22 @@ def readable_image_files(cfg) -> list:
 
 
 class Folder:
-    """Images of a list of checked files. A file that fails to decode later (changed on disk)
-    is logged once and replaced by the next readable file of the list."""
+    """Images of a list of checked files, with their ``labels`` (class sub-folders) or None. A
+    file that fails to decode later (changed on disk) is logged once and replaced by the next
+    readable file of the list, with that file's label."""
 
-    def __init__(self, files, size: int, channels: int):
+    def __init__(self, files, size: int, channels: int, labels=None):
         self.files, self.size, self.mode = files, size, "RGB" if channels == 3 else "L"
-        self.failed = set()
+        self.labels, self.failed = labels, set()
 
     def __len__(self):
         return len(self.files)
 
-    def _image(self, i: int) -> np.ndarray:
+    def _image(self, i: int) -> tuple[np.ndarray, int]:
+        """(image, the index of the file it came from)."""
         for j in range(len(self.files)):
-            path = self.files[(i + j) % len(self.files)]
+            k = (i + j) % len(self.files)
+            path = self.files[k]
             if path in self.failed:
                 continue
             try:
@@ -135,8 +153,9 @@ class Folder:
                 logging.warning("skipping %s, which became unreadable during the run: %s: %s",
                                 path, type(e).__name__, e)
                 continue
-            return np.asarray(fitted).reshape(self.size, self.size, -1)
+            return np.asarray(fitted).reshape(self.size, self.size, -1), k
         raise OSError(f"no file of the image folder is readable any more ({len(self.files)} files)")
 
     def load(self, indices):
-        return np.stack([self._image(int(i)) for i in indices]), None
+        images, used = zip(*[self._image(int(i)) for i in indices])
+        return np.stack(images), None if self.labels is None else self.labels[list(used)]

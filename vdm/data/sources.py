@@ -16,7 +16,9 @@ Sources (``cfg.source``):
   for digits. Every file is opened and decoded once, in parallel, when the data set is
   built (``check_image_files``): unreadable or non-image files stop the run with their
   names, or with ``skip_bad_files`` are left out with one warning. A file that becomes
-  unreadable later is replaced by the next readable one in the list and logged.
+  unreadable later is replaced by the next readable one in the list and logged. Labels
+  (``conditional``): each image's top-level sub-folder is its class, classes numbered in
+  sorted name order (torchvision's ImageFolder).
 * ``npz``: the array ``cfg.npz_key`` of the .npz file ``cfg.path``: uint8 [N, H, W(, C)]
   is image data, a float array [N, ...] is used as is (no scaling); labels from
   ``cfg.npz_label_key`` if set; held out as for digits.
@@ -42,7 +44,7 @@ from sklearn.datasets import load_digits
 
 from vdm import toy_data
 from vdm.data.config import error, no_labels
-from vdm.data.images import IMAGE_SUFFIXES, Folder, fit_array, image_files, readable_image_files
+from vdm.data.images import IMAGE_SUFFIXES, Folder, class_labels, fit_array, image_files, readable_image_files
 from vdm.data.registry import Opened, register
 from vdm.data.splits import DATA_SEED, SPLITS, TAG_TOY_TEST, TAG_TOY_TRAIN, holdout
 
@@ -126,14 +128,23 @@ def check_folder(c) -> None:
     if c.channels not in (1, 3):
         raise error("channels", f"must be 1 (grey) or 3 (RGB), got {c.channels}")
     if c.conditional:
-        raise no_labels("source='folder' has no labels")
+        try:
+            _, names = class_labels(path, image_files(path))
+        except ValueError as e:
+            raise no_labels(f"source='folder' labels images by their class sub-folders: {e}")
+        if len(names) < 2:
+            raise no_labels(f"source='folder' labels images by their class sub-folders; {c.path!r} has "
+                            f"{len(names)} ({list(names)})")
 
 
 @register("folder", check=check_folder)
 def open_folder(cfg, split) -> Opened:
+    """The images; with ``conditional`` labelled by their class sub-folders (``class_labels``)."""
     files = readable_image_files(cfg)
+    labels, names = class_labels(cfg.path, files) if cfg.conditional else (None, ())
     idx = holdout(len(files), cfg.num_test, split, "folder")
-    return Opened(Folder([files[i] for i in idx], cfg.image_size, cfg.channels), None, 0, True, None)
+    return Opened(Folder([files[i] for i in idx], cfg.image_size, cfg.channels,
+                         None if labels is None else labels[idx]), None, len(names), True, None)
 
 
 def check_npz(c) -> None:
