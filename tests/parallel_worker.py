@@ -46,8 +46,8 @@ def main(out_dir):
     optimizer = train_step.make_optimizer(c.optim, c.train.num_steps)
     params = setup.init_params(jax.random.PRNGKey(0))
     init = jax.device_get(train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params,
-                                           opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1),
-                                           loss_state=setup.objective.init_loss_state()))
+                                                opt_state=optimizer.init(params), rng=jax.random.PRNGKey(1),
+                                                loss_state=setup.objective.init_loss_state()))
     # [k, B, ...]: the global batches (the tiny config is class-conditional: x and label)
     steps = {key: np.stack([ds.get_batch(i)[key][0] for i in range(STEPS)]) for key in ("x", "label")}
     eval_batch = next(eval_ds.iterate_epoch(batch))  # [1, B, ...] with its mask

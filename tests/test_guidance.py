@@ -105,9 +105,7 @@ def test_conditional_toy_model_samples_the_requested_component():
     pmapped steps in one scan), the label-k samples fall on component k (x on its side of 0, the
     components at x = -+0.98 with std 0.2) for >= 95% of them, at w = 0 and with guidance w = 1;
     the guided sampler compiles once per w (new labels or parameters reuse it)."""
-    import flax
-
-    from vdm import checkpoints, train_step
+    from vdm import parallel, train_step
 
     c = tiny_config()
     c.model.update(dict(hidden=64, depth=2, embed_dim=16))
@@ -118,10 +116,10 @@ def test_conditional_toy_model_samples_the_requested_component():
     params = setup.init_params(jax.random.PRNGKey(0))
     tx = train_step.make_optimizer(c.optim, c.train.num_steps)
     state = train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(1), loss_state={})
+                                  rng=jax.random.PRNGKey(1), loss_state={})
     batches = {k: np.stack([ds.get_batch(i)[k] for i in range(400)], axis=1) for k in ("x", "label")}
-    state, _ = train_step.make_p_train(setup.objective, tx, c.optim)(flax.jax_utils.replicate(state), batches)
-    ema = checkpoints.unreplicate(state).ema_params
+    state, _ = train_step.make_p_train(setup.objective, tx, c.optim)(parallel.replicate(state), batches)
+    ema = jax.device_get(jax.tree.map(lambda a: a[0], state.ema_params))  # the first device's copy
     labels = np.repeat(np.arange(2, dtype=np.int32), 200)
 
     def draw(w, labels, params=ema):

@@ -372,7 +372,7 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
 
     import configs.image_folder as image_folder
     from tests.conftest import make_image_folder
-    from vdm import build, checkpoints, data, parallel, train_step
+    from vdm import build, data, parallel, train_step
 
     folder, _ = make_image_folder(tmp_path / "images")
     c = image_folder.get_config()
@@ -391,10 +391,10 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     def run(optim, num_steps, xs):
         tx = train_step.make_optimizer(optim, num_steps)
         state = train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-                                 rng=jax.random.PRNGKey(1), loss_state={})
+                                      rng=jax.random.PRNGKey(1), loss_state={})
         p_train = train_step.make_p_train(setup.objective, tx, optim)
         state, _ = p_train(parallel.replicate(state), {"x": np.stack(xs, axis=1)})
-        return checkpoints.unreplicate(state)
+        return jax.device_get(jax.tree.map(lambda a: a[0], state))  # the first device's copy
 
     accumulated = run(c.optim, 4, batches)
     combined = c.optim.copy_and_resolve_references()

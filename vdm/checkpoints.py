@@ -60,8 +60,3 @@ def restore_or_init(manager: ocp.CheckpointManager, init_state, target=None):
     if step is None:
         return init_state
     return manager.restore(step, args=ocp.args.StandardRestore(init_state if target is None else target))
-
-
-def unreplicate(tree):
-    """The first device's copy of a replicated pytree, as host numpy arrays."""
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
