@@ -434,6 +434,7 @@ def main(argv):
     import numpy as np
 
     from vdm import baselines, build, checkpoints, data, likelihood
+    from vdm import objective as objective_lib
     from vdm.metrics import inception
 
     workdir = _WORKDIR.value
@@ -460,7 +461,7 @@ def main(argv):
         params, step = checkpoints.restore_params(workdir, config.train, _STEP.value, _RAW.value)
     key = jax.random.PRNGKey(_SEED.value)
 
-    decoder = build.decoder_for(config.loss, dataset.is_discrete_8bit)
+    decoder = objective_lib.decoder_for(config.loss, dataset.is_discrete_8bit)
     num_dims = int(np.prod(dataset.data_shape)) if images else None
     result = {"workdir": workdir, "checkpoint_step": step, "split": _SPLIT.value,
               "params": "raw" if _RAW.value else "ema", "elbo": {}}

@@ -11,6 +11,7 @@ import pytest
 
 from tests.train_worker import tiny_config
 from vdm import build
+from vdm import objective
 from vdm import config as config_lib
 from vdm import data
 from vdm import samplers
@@ -22,7 +23,7 @@ def test_label_dropout_rate_and_null_class_exactly_where_dropped():
     kept labels are unchanged, dropped ones are the null class, and the decision of an example
     depends on its global index only (two device shards give the whole batch's result)."""
     n, p, null = 4000, 0.2, 10
-    drop = jax.jit(lambda key, index, labels: build.drop_labels(key, index, labels, p, null))
+    drop = jax.jit(lambda key, index, labels: objective.drop_labels(key, index, labels, p, null))
     key, index = jax.random.PRNGKey(3), jnp.arange(n)
     labels = jnp.asarray(np.random.default_rng(0).integers(0, null, n), jnp.int32)
     out = np.asarray(drop(key, index, labels))
@@ -51,7 +52,7 @@ def test_objective_uses_the_null_class_exactly_where_labels_are_dropped(toy_setu
     x, labels = batch["x"][0], batch["label"][0]
     key, index = jax.random.PRNGKey(5), jnp.arange(len(x))
     loss = jax.jit(setup.objective.loss, static_argnums=5)
-    dropped = build.drop_labels(key, index, labels, c.train.label_dropout, setup.network.num_classes)
+    dropped = objective.drop_labels(key, index, labels, c.train.label_dropout, setup.network.num_classes)
     assert 0 < int(jnp.sum(dropped == setup.network.num_classes)) < len(x)
     params = jax.tree.map(lambda a: a + 0.1, params)  # a non-zero class embedding
     trained, _ = loss(params, key, index, x, {}, True, labels)

@@ -35,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from vdm import build
+from vdm import objective
 from vdm import classifier_guidance
 from vdm import checkpoints
 from vdm import config as config_lib
@@ -110,7 +111,7 @@ def noised(process: build.Process, keys, x, t):
     """(x_t, lambda_t): x_t = alpha_t x + sigma_t eps with eps ~ N(0, I) per example from its key."""
     lam = process.log_snr({}, t)
     alpha, sigma = diffusion.alpha_sigma(lam.reshape(lam.shape + (1,) * (x.ndim - 1)))
-    return alpha * x + sigma * build.example_normal(keys, x), lam
+    return alpha * x + sigma * objective.example_normal(keys, x), lam
 
 
 # ---------------------------------------------------------------------------
@@ -120,10 +121,10 @@ def noised(process: build.Process, keys, x, t):
 
 def classifier_loss(network, process: build.Process, params, key, index, x, labels, train: bool = True):
     """(mean cross-entropy, accuracy) of the classifier on x_t at per-example training levels; the
-    level and noise of example i come from its own key (``build.example_keys``), dropout from a
+    level and noise of example i come from its own key (``objective.example_keys``), dropout from a
     separate stream of ``key``."""
     k_examples, k_drop = jax.random.split(key)
-    keys = jax.vmap(lambda k: jax.random.split(k, 2))(build.example_keys(k_examples, index))
+    keys = jax.vmap(lambda k: jax.random.split(k, 2))(objective.example_keys(k_examples, index))
     t = training_times(process, keys[:, 0])
     x_t, lam = noised(process, keys[:, 1], x, t)
     logits = network.apply({"params": params}, x_t, lam, train=train,
@@ -157,7 +158,7 @@ def make_correct_fn(network, process) -> Callable:
     x_t (each example noised to level t with its own key) the label."""
 
     def correct(params, key, x, labels, t, index):
-        x_t, lam = noised(process, build.example_keys(key, index), x, jnp.full(x.shape[:1], t))
+        x_t, lam = noised(process, objective.example_keys(key, index), x, jnp.full(x.shape[:1], t))
         return network.apply({"params": params}, x_t, lam).argmax(-1) == labels
 
     return jax.jit(correct)

@@ -28,8 +28,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vdm import build
 from vdm import parallel
+from vdm.objective import example_keys
 
 AXIS = parallel.PMAP_AXIS
 
@@ -202,7 +202,7 @@ def eval_step(params, loss_state, batch, rng, batch_index, *, objective,
     x, mask, labels = batch["x"], batch["mask"], batch_labels(objective, batch)
     key, index = jax.random.fold_in(rng, batch_index), global_example_index(x.shape[0], reductions)
     loss, _ = objective.loss(params, key, index, x, loss_state, False, labels)
-    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0, 0))(params, build.example_keys(key, index), x, labels)
+    bpd = jax.vmap(objective.nelbo_bpd, in_axes=(None, 0, 0, 0))(params, example_keys(key, index), x, labels)
     sums = {"eval_loss": jnp.sum(loss * mask), "eval_bpd": jnp.sum(bpd * mask), "count": jnp.sum(mask)}
     return reductions.sum(sums)
 
