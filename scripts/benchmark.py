@@ -410,7 +410,8 @@ def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_s
     def finish():
         r = short.result()
         per_step = summary([(b - a) / steps for a, b in zip(short.times, long.times)])
-        return {**r, "steps": steps, "step_seconds": per_step, "compile_steps": compile_steps,
+        return {**r, "steps": steps, "step_seconds": per_step, "seconds_double": summary(long.times),
+                "compile_steps": compile_steps,
                 "compile_s_long": long_compile, "batch": batch}
     return Pending([short, long], finish)
 
@@ -722,6 +723,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="global training batch for every size (default: small 32, base 16)")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per host call (lax.scan)")
     p.add_argument("--samplers", default="ancestral,ddim", help="samplers to time (vdm.samplers.SAMPLERS)")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="batch of the forward and the samplers (default: the size's training batch)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="number of CPU devices (jax_num_cpu_devices; the train step is pmapped over them)")
     p.add_argument("--sample-steps", type=int, default=10,
                    help="steps of the shorter timed sampler run (the longer one has twice as many)")
     p.add_argument("--compile-steps", type=int, default=1000, help="steps of the compile-only sampler")
@@ -760,13 +765,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "input_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_batch is not None and args.train_batch < 1:
-        p.error(f"--train-batch must be >= 1, got {args.train_batch}")
+    for name in ("train_batch", "sample_batch", "cpu_devices"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
     if "sample" in args.only:
         from vdm import samplers
 
@@ -811,8 +819,9 @@ def main(argv=None) -> dict:
     for size in sizes:
         ub, u = benches[size], results["unet"][size]
         if size in args.sizes and "sample" in args.only:
-            group = {"forward": bench_forward(ub, ub.batch)}
-            group.update({s: bench_sampler(ub, s, ub.batch, args.sample_steps, args.compile_steps)
+            sample_batch = args.sample_batch or ub.batch
+            group = {"forward": bench_forward(ub, sample_batch)}
+            group.update({s: bench_sampler(ub, s, sample_batch, args.sample_steps, args.compile_steps)
                           for s in args.samplers})
             done = run_interleaved(group, args.repeats)
             u["forward"] = done.pop("forward")
