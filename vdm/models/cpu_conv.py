@@ -1,8 +1,8 @@
 """A 2-D convolution with hand-written gradients for XLA:CPU (``conv_nhwc``).
 
-XLA:CPU runs its own convolution gradients far slower than forward convolutions
-(docs/performance.md); ``conv_nhwc`` has the same values with gradients written as
-a forward convolution and an im2col matmul. ``vdm.models.layers.conv3x3`` uses it
+XLA:CPU runs its own convolution gradients far slower than forward convolutions inside
+loops (docs/performance.md); ``conv_nhwc`` has the same values with both gradients written
+as forward NHWC convolutions, which XLA:CPU hands to YNNPACK in and out of loops. ``vdm.models.layers.conv3x3`` uses it
 through ``conv_general_dilated`` on the CPU backend only; GPUs and TPUs keep XLA's.
 """
 from __future__ import annotations
@@ -23,13 +23,12 @@ def conv_nhwc(x, w, strides, padding):
     """2-D convolution (NHWC input, HWIO kernel, ``padding`` as ((lo, hi), (lo, hi))) whose
     gradients are written as the ops XLA:CPU runs fast.
 
-    XLA:CPU's own kernel-gradient convolution runs several times slower than a forward
-    one, and inside a ``lax.scan`` (the train loop's steps per call) both gradient
-    convolutions fall off its fast path entirely (about 10x slower for the whole train
-    step; see docs/performance.md). Here the input gradient is a forward convolution
-    of the (stride-dilated) output gradient with the flipped kernel, and the kernel
-    gradient is one matmul of the output gradient with the im2col matrix of the input
-    (its KH*KW shifted windows side by side) over all output positions. The values are
+    Inside a ``lax.scan`` (the train loop's steps per call) XLA:CPU's own gradient
+    convolutions fall off its fast path (the kernel gradient to ~0.5 GFLOP/s; see
+    docs/performance.md). Here the input gradient is a forward convolution of the
+    (stride-dilated) output gradient with the flipped kernel, and the kernel gradient a
+    forward convolution of the input with batch and channels swapped (``_kernel_grad``);
+    XLA:CPU runs both through YNNPACK, as it does forward convolutions. The values are
     those of ``lax.conv_general_dilated``'s gradients up to float rounding.
     """
     return _conv(x, w, strides, padding)
