@@ -297,8 +297,11 @@ def bench_conv(batch: int, size: int, channels: int, dtype: str) -> Pending:
 # ---------------------------------------------------------------------------
 
 # name -> (ch, ch_mult, training batch); the rest is Ho et al.'s CIFAR-10 UNet (2 blocks per
-# level, attention at 16x16, dropout 0.1), T = 1000 linear schedule, eps prediction.
-UNET_SIZES = {"small": (32, (1, 2, 2), 32), "base": (64, (1, 2, 2, 2), 16)}
+# level, attention at 16x16, dropout 0.1), T = 1000 linear schedule, eps prediction. ``ddpm`` is
+# that UNet at full width (35.7M parameters, batch 128: the GPU figure); small and base are the
+# CPU sizes run by default.
+UNET_SIZES = {"small": (32, (1, 2, 2), 32), "base": (64, (1, 2, 2, 2), 16), "ddpm": (128, (1, 2, 2, 2), 128)}
+DEFAULT_SIZES = ("small", "base")
 IMAGE_SHAPE = (32, 32, 3)
 
 
@@ -413,7 +416,8 @@ def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_s
     def finish():
         r = short.result()
         per_step = summary([(b - a) / steps for a, b in zip(short.times, long.times)])
-        return {**r, "steps": steps, "step_seconds": per_step, "compile_steps": compile_steps,
+        return {**r, "steps": steps, "step_seconds": per_step, "seconds_double": summary(long.times),
+                "compile_steps": compile_steps,
                 "compile_s_long": long_compile, "batch": batch}
     return Pending([short, long], finish)
 
@@ -815,11 +819,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per figure (after one warm-up)")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    p.add_argument("--sizes", default=",".join(UNET_SIZES), help=f"UNet sizes, subset of {tuple(UNET_SIZES)}")
+    p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"UNet sizes, subset of {tuple(UNET_SIZES)}")
     p.add_argument("--train-batch", type=int, default=None,
                    help="global training batch for every size (default: small 32, base 16)")
     p.add_argument("--steps-per-call", type=int, default=1, help="train steps per host call (lax.scan)")
     p.add_argument("--samplers", default="ancestral,ddim", help="samplers to time (vdm.samplers.SAMPLERS)")
+    p.add_argument("--sample-batch", type=int, default=None,
+                   help="batch of the forward and the samplers (default: the size's training batch)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="number of CPU devices (jax_num_cpu_devices; the train step is pmapped over them)")
     p.add_argument("--sample-steps", type=int, default=10,
                    help="steps of the shorter timed sampler run (the longer one has twice as many)")
     p.add_argument("--compile-steps", type=int, default=1000, help="steps of the compile-only sampler")
@@ -863,13 +871,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "input_batches", "memory_devices"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.train_batch is not None and args.train_batch < 1:
-        p.error(f"--train-batch must be >= 1, got {args.train_batch}")
+    for name in ("train_batch", "sample_batch", "cpu_devices"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the backend starts
     if "memory" in args.only and jax.devices()[0].platform == "cpu" and jax.device_count() < args.memory_devices:
         raise SystemExit(f"--memory-devices {args.memory_devices}: this process has {jax.device_count()} CPU "
                          f"device(s); run with XLA_FLAGS=--xla_force_host_platform_device_count="
@@ -918,8 +929,9 @@ def main(argv=None) -> dict:
     for size in sizes:
         ub, u = benches[size], results["unet"][size]
         if size in args.sizes and "sample" in args.only:
-            group = {"forward": bench_forward(ub, ub.batch)}
-            group.update({s: bench_sampler(ub, s, ub.batch, args.sample_steps, args.compile_steps)
+            sample_batch = args.sample_batch or ub.batch
+            group = {"forward": bench_forward(ub, sample_batch)}
+            group.update({s: bench_sampler(ub, s, sample_batch, args.sample_steps, args.compile_steps)
                           for s in args.samplers})
             done = run_interleaved(group, args.repeats)
             u["forward"] = done.pop("forward")

@@ -91,6 +91,7 @@ def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     results = bench.main(["--dtype=float32", "--repeats=1", "--only=limits,train,sample,elbo", "--sizes=tiny",
                           "--train-batch=2", "--steps-per-call=2", "--samplers=ddim", "--sample-steps=2",
+                          "--sample-batch=3",
                           "--compile-steps=3", "--elbo-sizes=tiny", "--elbo-batch=1", "--elbo-chunk=250",
                           "--matmul-size=32", f"--json={out}"])
     saved = json.load(open(out))
@@ -98,6 +99,9 @@ def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):
                                                                               "samplers", "elbo"}
     assert set(saved["unet"]["tiny"]["samplers"]) == {"ddim"} and set(saved["limits"]) == {"matmul", "conv"}
     assert saved["repeats"] == 1 and saved["dtype"] == "float32"
+    ddim = saved["unet"]["tiny"]["samplers"]["ddim"]
+    assert ddim["batch"] == saved["unet"]["tiny"]["forward"]["batch"] == 3
+    assert ddim["seconds_double"]["min"] > 0  # the 2 x --sample-steps run, timed whole
 
 
 def test_input_section_times_every_source_at_each_worker_count(bench, tmp_path):
@@ -117,3 +121,13 @@ def test_input_section_times_every_source_at_each_worker_count(bench, tmp_path):
     for bad in (["--input-workers=0"], ["--input-workers=a"], ["--overlap-steps=15"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_compare_peer_variants_split_arguments_environment_and_checkout():
+    spec = importlib.util.spec_from_file_location("compare_peer", os.path.join(ROOT, "scripts", "compare_peer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    name, args, env = module.parse_variant("2dev=--cpu-devices=2 XLA_FLAGS=--xla_x=1 repo=/tmp/old --repeats 3")
+    assert (name, args) == ("2dev", ["--cpu-devices=2", "--repeats", "3"])
+    assert env == {"XLA_FLAGS": "--xla_x=1", "repo": "/tmp/old"}
+    assert module.parse_variant("plain=") == ("plain", [], {})

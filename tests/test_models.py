@@ -206,7 +206,7 @@ def test_vdm_net_input_skip_and_log_snr_conditioning():
 
 @pytest.mark.parametrize("stride,size,channels", [(1, 7, (3, 5)), (2, 8, (4, 6)), (2, 7, (2, 3))])
 def test_conv_nhwc_gradients_equal_xla(stride, size, channels):
-    """The CPU convolution's hand-written gradients (flipped-kernel conv, im2col matmul) = XLA's own."""
+    """The CPU convolution's hand-written gradients (flipped-kernel conv, batch/channel-swapped conv) = XLA's own."""
     ci, co = channels
     x = jax.random.normal(jax.random.PRNGKey(3), (2, size, size + 1, ci))
     w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, ci, co))

@@ -1,8 +1,8 @@
 """A 2-D convolution with hand-written gradients for XLA:CPU (``conv_nhwc``).
 
-XLA:CPU runs its own convolution gradients far slower than forward convolutions
-(docs/performance.md); ``conv_nhwc`` has the same values with gradients written as
-a forward convolution and an im2col matmul. ``vdm.models.layers.conv3x3`` uses it
+XLA:CPU runs its own convolution gradients far slower than forward convolutions inside
+loops (docs/performance.md); ``conv_nhwc`` has the same values with both gradients written
+as forward NHWC convolutions, which XLA:CPU hands to YNNPACK in and out of loops. ``vdm.models.layers.conv3x3`` uses it
 through ``conv_general_dilated`` on the CPU backend only; GPUs and TPUs keep XLA's.
 """
 from __future__ import annotations
@@ -23,16 +23,28 @@ def conv_nhwc(x, w, strides, padding):
     """2-D convolution (NHWC input, HWIO kernel, ``padding`` as ((lo, hi), (lo, hi))) whose
     gradients are written as the ops XLA:CPU runs fast.
 
-    XLA:CPU's own kernel-gradient convolution runs several times slower than a forward
-    one, and inside a ``lax.scan`` (the train loop's steps per call) both gradient
-    convolutions fall off its fast path entirely (about 10x slower for the whole train
-    step; see docs/performance.md). Here the input gradient is a forward convolution
-    of the (stride-dilated) output gradient with the flipped kernel, and the kernel
-    gradient is one matmul of the output gradient with the im2col matrix of the input
-    (its KH*KW shifted windows side by side) over all output positions. The values are
+    Inside a ``lax.scan`` (the train loop's steps per call) XLA:CPU's own gradient
+    convolutions fall off its fast path (the kernel gradient to ~0.5 GFLOP/s; see
+    docs/performance.md). Here the input gradient is a forward convolution of the
+    (stride-dilated) output gradient with the flipped kernel, and the kernel gradient a
+    forward convolution of the input with batch and channels swapped (``_kernel_grad``);
+    XLA:CPU runs both through YNNPACK, as it does forward convolutions. The values are
     those of ``lax.conv_general_dilated``'s gradients up to float rounding.
     """
     return _conv(x, w, strides, padding)
+
+
+def _kernel_grad(x, dy, kernel_size, strides, padding):
+    """dw[i, j, c, o] = sum_{n, h, w} xp[n, s h + i, s w + j, c] dy[n, h, w, o] (xp the padded input),
+    written as one forward NHWC convolution with batch and channels swapped: the input is x
+    as [C, H, W, N] (batch C, features N), the kernel dy as [Ho, Wo, N, O] dilated by the
+    strides, and the [C, KH', KW', O] output is cut to the kernel size (KH' > KH only where
+    the strides leave input rows unused)."""
+    xt = x.transpose(3, 1, 2, 0)
+    dw = jax.lax.conv_general_dilated(xt, dy.transpose(1, 2, 0, 3), (1, 1), padding, rhs_dilation=strides,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      preferred_element_type=jnp.float32)
+    return dw[:, :kernel_size[0], :kernel_size[1]].transpose(1, 2, 0, 3)
 
 
 def _conv_nhwc_fwd(x, w, strides, padding):
@@ -41,20 +53,13 @@ def _conv_nhwc_fwd(x, w, strides, padding):
 
 def _conv_nhwc_bwd(strides, padding, res, dy):
     x, w = res
-    (KH, KW), (N, Ho, Wo, Co), Ci = w.shape[:2], dy.shape, x.shape[-1]
+    KH, KW = w.shape[:2]
     pads_t = []
     for d, k in enumerate((KH, KW)):
         lo = k - 1 - padding[d][0]
         pads_t.append((lo, x.shape[1 + d] + k - 2 - lo - (dy.shape[1 + d] - 1) * strides[d]))
     dx = _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
-    # im2col: the KH*KW shifted (strided) windows of the padded input side by side,
-    # [N*Ho*Wo, KH*KW*Ci], so the kernel gradient is one matmul with dy [N*Ho*Wo, Co].
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    windows = [jax.lax.slice(xp, (0, i, j, 0), (N, i + (Ho - 1) * strides[0] + 1, j + (Wo - 1) * strides[1] + 1, Ci),
-                             (1, strides[0], strides[1], 1)) for i in range(KH) for j in range(KW)]
-    cols = jnp.concatenate(windows, axis=-1).reshape(-1, KH * KW * Ci)
-    dw = jnp.einsum("po,pk->ok", dy.reshape(-1, Co), cols, preferred_element_type=jnp.float32)
-    dw = dw.reshape(Co, KH, KW, Ci).transpose(1, 2, 3, 0)
+    dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -1,0 +1,58 @@
+"""The CPU convolution's gradients leave training unchanged: params after a few AdamW steps of a
+small conv net (3x3 convs at stride 1 and 2, GroupNorm + SiLU, as in the UNet) are the same with
+``vdm.models.cpu_conv.conv_nhwc`` as with XLA's own convolution gradients, inside a ``lax.scan``
+(the train loop's steps per call) as the training code runs them."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vdm.models import cpu_conv
+
+STRIDES = (1, 2, 1)
+
+
+def _net(conv, params, x):
+    for w, s in zip(params, STRIDES):
+        pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (s, s), "SAME")
+        x = conv(x, w, (s, s), tuple(tuple(p) for p in pads))
+        g = x.reshape(*x.shape[:3], 4, -1)
+        g = (g - g.mean((1, 2, 4), keepdims=True)) / jnp.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-6)
+        x = jax.nn.silu(g.reshape(x.shape))
+    return x
+
+
+def _xla_conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train(conv, params, xs, ys):
+    opt = optax.adamw(1e-2)
+
+    def step(carry, batch):
+        params, state = carry
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((_net(conv, p, batch[0]) - batch[1]) ** 2))(params)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), (xs, ys))
+    return params, losses
+
+
+def test_params_after_steps_equal_with_conv_nhwc_and_xla_gradients():
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    chans = (3, 8, 16, 8)
+    params = [jax.random.normal(k, (3, 3, ci, co)) / np.sqrt(9 * ci)
+              for k, ci, co in zip(keys, chans[:-1], chans[1:])]
+    xs = jax.random.normal(keys[3], (4, 2, 9, 10, 3))  # 4 steps of batch 2, odd sizes
+    ys = jax.random.normal(keys[4], (4, 2, 5, 5, 8))
+    ours, losses = _train(cpu_conv.conv_nhwc, params, xs, ys)
+    ref, ref_losses = _train(_xla_conv, params, xs, ys)
+    assert losses[-1] < losses[0]  # the steps move the params
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b, p in zip(ours, ref, params):
+        assert np.abs(np.asarray(a) - np.asarray(p)).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
