@@ -49,51 +49,44 @@ from vdm.models.schedule_net import LearnedLogSNR
 from vdm.models.toy import MLP, MeanVarNets, PerStepHeads  # importing a network module registers it
 from vdm.models.unet import UNet
 from vdm.models.vdm_net import VDMNet
-_SET_BY_BUILD = ("learned_variance", "num_classes")
+
 CLASSIFIERS = {"noisy_classifier": NoisyClassifier}
-_SET_BY_BUILD_CLASSIFIER = ("num_classes", "time_range")
+
+
+def _build(model_config, data_shape, registry: dict, kind: str, set_by_build: dict, decided_by: str) -> nn.Module:
+    """The module ``model_config.name`` of ``registry`` (a ``kind``) with the section's fields and
+    ``set_by_build`` (fields ``decided_by`` other config sections), checked against data_shape."""
+    fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    name = fields.pop("name", None)
+    if name not in registry:
+        raise ValueError(f"model.name must be one of {tuple(registry)} for a {kind}, got {name!r}")
+    cls = registry[name]
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+    for field in fields:
+        if field in set_by_build:
+            raise ValueError(f"model.{field} is set from {decided_by}; remove it from the model section")
+        if field not in allowed:
+            raise ValueError(f"model.{field} is not a field of the {name!r} {kind}; its fields are "
+                             f"{[f for f in allowed if f not in set_by_build]}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    module = cls(**fields, **set_by_build)
+    module.check(tuple(data_shape))
+    return module.clone(dtype=jnp.dtype(module.dtype), param_dtype=jnp.dtype(module.param_dtype))
 
 
 def build_model(model_config, data_shape, learned_variance: bool = False, num_classes: int = 0) -> nn.Module:
     """The network ``model_config.name`` with the section's fields, checked against data_shape."""
-    fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    name = fields.pop("name", None)
-    if name not in NETWORKS:
-        raise ValueError(f"model.name must be one of {tuple(NETWORKS)}, got {name!r}")
-    cls = NETWORKS[name]
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
-    for field in fields:
-        if field in _SET_BY_BUILD:
-            raise ValueError(f"model.{field} is set from the diffusion/data config; remove it from the model section")
-        if field not in allowed:
-            raise ValueError(f"model.{field} is not a field of the {name!r} network; its fields are "
-                             f"{[f for f in allowed if f not in _SET_BY_BUILD]}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    module = cls(**fields, learned_variance=learned_variance, num_classes=num_classes)
-    module.check(tuple(data_shape))
-    return module.clone(dtype=jnp.dtype(module.dtype), param_dtype=jnp.dtype(module.param_dtype))
+    return _build(model_config, data_shape, NETWORKS, "network",
+                  dict(learned_variance=learned_variance, num_classes=num_classes), "the diffusion/data config")
 
 
 def build_classifier(model_config, data_shape, num_classes: int, time_range) -> nn.Module:
     """The classifier ``model_config.name`` (in ``CLASSIFIERS``) for ``num_classes`` classes (from the data)
     conditioned on the log-SNR, ``time_range`` the training levels' (largest, smallest) log-SNR."""
-    fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    name = fields.pop("name", None)
-    if name not in CLASSIFIERS:
-        raise ValueError(f"model.name must be one of {tuple(CLASSIFIERS)} for a classifier, got {name!r}")
-    cls = CLASSIFIERS[name]
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
-    for field in fields:
-        if field in _SET_BY_BUILD_CLASSIFIER:
-            raise ValueError(f"model.{field} is set from the data and the forward process; remove it from the "
-                             "model section")
-        if field not in allowed:
-            raise ValueError(f"model.{field} is not a field of the {name!r} classifier; its fields are "
-                             f"{[f for f in allowed if f not in _SET_BY_BUILD_CLASSIFIER]}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    module = cls(**fields, num_classes=int(num_classes), time_range=tuple(float(v) for v in time_range))
-    module.check(tuple(data_shape))
-    return module.clone(dtype=jnp.dtype(module.dtype), param_dtype=jnp.dtype(module.param_dtype))
+    return _build(model_config, data_shape, CLASSIFIERS, "classifier",
+                  dict(num_classes=int(num_classes), time_range=tuple(float(v) for v in time_range)),
+                  "the data and the forward process")
 
 
-__all__ = ["NETWORKS", "CLASSIFIERS", "build_model", "build_classifier", "NoisyClassifier", "LearnedLogSNR", "UNet", "VDMNet", "MLP", "PerStepHeads", "MeanVarNets"]
+__all__ = ["NETWORKS", "CLASSIFIERS", "build_model", "build_classifier", "NoisyClassifier", "LearnedLogSNR", "UNet",
+           "VDMNet", "MLP", "PerStepHeads", "MeanVarNets"]

@@ -266,3 +266,32 @@ def check_divides(field: str, value: int, channels: Sequence[int], what: str):
 def check_embedding_dim(field: str, value: int):
     if value < 4 or value % 2:
         fail(field, f"is the sinusoidal embedding width and must be even and >= 4, got {value}")
+
+
+def check_unet_levels(module, data_shape) -> None:
+    """The fields of a UNet's level structure (``ch``, ``ch_mult``, ``num_res_blocks``,
+    ``attn_resolutions``, ``dropout``, ``num_heads``, ``num_groups``) against data of
+    ``data_shape`` (H, W, C): every halving divides H and W, every attention resolution is
+    reached, and the group and head counts divide the channel counts where they apply."""
+    check_int("ch", module.ch)
+    check_embedding_dim("ch", module.ch)
+    check_ints("ch_mult", module.ch_mult)
+    check_int("num_res_blocks", module.num_res_blocks)
+    check_ints("attn_resolutions", module.attn_resolutions, allow_empty=True)
+    check_dropout(module.dropout)
+    check_int("num_heads", module.num_heads)
+    check_int("num_groups", module.num_groups)
+    H, W, _ = data_shape
+    factor = 2 ** (len(module.ch_mult) - 1)
+    if H % factor or W % factor:
+        fail("ch_mult", f"{len(module.ch_mult)} levels halve the image {len(module.ch_mult) - 1} times, so "
+                        f"H and W must be divisible by {factor}; got {H}x{W} (pad the data)")
+    reached = [H // 2 ** i for i in range(len(module.ch_mult))]
+    never = [r for r in module.attn_resolutions if r not in reached]
+    if never:
+        fail("attn_resolutions", f"{never} never reached; the feature-map heights are {reached}")
+    widths = [module.ch] + [module.ch * m for m in module.ch_mult]
+    check_divides("num_groups", module.num_groups, widths, "channel count")
+    attended = [module.ch * m for m, r in zip(module.ch_mult, reached) if r in module.attn_resolutions]
+    check_divides("num_heads", module.num_heads, attended + [module.ch * module.ch_mult[-1]],
+                  "channel count of the attention layers")

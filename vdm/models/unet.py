@@ -43,29 +43,8 @@ class UNet(nn.Module):
     def check(self, data_shape):
         """Raise ValueError naming the field if this network cannot run on data of data_shape (H, W, C)."""
         layers.check_common(self, data_shape, image=True)
-        layers.check_int("ch", self.ch)
-        layers.check_embedding_dim("ch", self.ch)
-        layers.check_ints("ch_mult", self.ch_mult)
-        layers.check_int("num_res_blocks", self.num_res_blocks)
-        layers.check_ints("attn_resolutions", self.attn_resolutions, allow_empty=True)
-        layers.check_dropout(self.dropout)
-        layers.check_int("num_heads", self.num_heads)
-        layers.check_int("num_groups", self.num_groups)
+        layers.check_unet_levels(self, data_shape)
         layers.check_bool("zero_init_output", self.zero_init_output)
-        H, W, _ = data_shape
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if H % factor or W % factor:
-            layers.fail("ch_mult", f"{len(self.ch_mult)} levels halve the image {len(self.ch_mult) - 1} times, so "
-                                   f"H and W must be divisible by {factor}; got {H}x{W} (pad the data)")
-        reached = [H // 2 ** i for i in range(len(self.ch_mult))]
-        never = [r for r in self.attn_resolutions if r not in reached]
-        if never:
-            layers.fail("attn_resolutions", f"{never} never reached; the feature-map heights are {reached}")
-        widths = [self.ch] + [self.ch * m for m in self.ch_mult]
-        layers.check_divides("num_groups", self.num_groups, widths, "channel count")
-        attended = [self.ch * m for m, r in zip(self.ch_mult, reached) if r in self.attn_resolutions]
-        layers.check_divides("num_heads", self.num_heads, attended + [self.ch * self.ch_mult[-1]],
-                             "channel count of the attention layers")
 
     @nn.compact
     def __call__(self, x, t, cond=None, train: bool = False):
