@@ -22,9 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DISCRETE_SCHEDULES = ("linear", "scaled_linear", "constant", "cosine", "sigmoid")
-CONTINUOUS_SCHEDULES = ("cosine", "vp_linear", "vdm_linear", "flow")
-
 MAX_BETA = 0.999  # Nichol & Dhariwal 2021, §3.2: clip betas to avoid singularities at t = T.
 
 
@@ -89,6 +86,7 @@ def sigmoid_betas(T: int, start: float = -3.0, end: float = 3.0, tau: float = 1.
         return _betas_from_alpha_bar(alpha_bar, T, max_beta)
 
 
+# The discrete schedules by name: a new one is its beta function and its entry here.
 _BETA_FNS = {
     "linear": linear_betas,
     "scaled_linear": scaled_linear_betas,
@@ -96,6 +94,7 @@ _BETA_FNS = {
     "cosine": cosine_betas,
     "sigmoid": sigmoid_betas,
 }
+DISCRETE_SCHEDULES = tuple(_BETA_FNS)
 
 
 # ---------------------------------------------------------------------------
@@ -305,12 +304,14 @@ def flow_log_snr(t):
     return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
 
+# The continuous schedules by name: a new one is its log-SNR function and its entry here.
 _LOG_SNR_FNS = {
     "cosine": cosine_log_snr,
     "vp_linear": vp_linear_log_snr,
     "vdm_linear": vdm_linear_log_snr,
     "flow": flow_log_snr,
 }
+CONTINUOUS_SCHEDULES = tuple(_LOG_SNR_FNS)
 
 
 def continuous_schedule(name: str, **kwargs) -> Callable:

@@ -11,7 +11,6 @@ from vdm import diffusion
 from vdm.losses.likelihoods import check_choice, log1mexp, mean_dims
 
 LOSS_TYPES = ("l2", "l1")
-WEIGHTINGS = ("none", "elbo", "snr", "truncated_snr", "min_snr")
 
 
 def _log_x0_error_factor(target: str, log_snr_t, sigma_data: float = diffusion.EDM_SIGMA_DATA):
@@ -43,6 +42,18 @@ def elbo_log_weight(*, log_snr_s, log_snr_t, log_variance=None, log_snr_next=Non
             log_snr_s=log_snr_s, log_snr_t=log_snr_t, log_snr_next=log_snr_next)
     return (jax.nn.log_sigmoid(log_snr_s) + 2.0 * log1mexp(log_snr_t - log_snr_s)
             - math.log(2.0) - log_variance)
+
+
+# log w(lambda_t) of each loss weighting (``simple_loss``); "none" is w = 1. A new weighting is
+# its entry here.
+LOG_WEIGHTS = {
+    "elbo": lambda lam, log_snr_s, log_variance, snr_gamma: elbo_log_weight(
+        log_snr_s=log_snr_s, log_snr_t=lam, log_variance=log_variance),
+    "snr": lambda lam, log_snr_s, log_variance, snr_gamma: lam,
+    "truncated_snr": lambda lam, log_snr_s, log_variance, snr_gamma: jnp.maximum(lam, 0.0),
+    "min_snr": lambda lam, log_snr_s, log_variance, snr_gamma: jnp.minimum(lam, math.log(snr_gamma)),
+}
+WEIGHTINGS = ("none",) + tuple(LOG_WEIGHTS)
 
 
 def check_simple_args(parameterization, target, loss_type, weighting, snr_gamma) -> str:
@@ -97,10 +108,5 @@ def simple_loss(output, x0, eps, x_t, log_snr_t, parameterization: str, target: 
     if weighting == "none":
         return per_example
     lam = jnp.asarray(log_snr_t, per_example.dtype)
-    log_w = {
-        "snr": lambda: lam,
-        "truncated_snr": lambda: jnp.maximum(lam, 0.0),
-        "min_snr": lambda: jnp.minimum(lam, math.log(snr_gamma)),
-        "elbo": lambda: elbo_log_weight(log_snr_s=log_snr_s, log_snr_t=lam, log_variance=log_variance),
-    }[weighting]()
+    log_w = LOG_WEIGHTS[weighting](lam, log_snr_s, log_variance, snr_gamma)
     return jnp.exp(log_w + _log_x0_error_factor(target, lam, sigma_data)) * per_example
