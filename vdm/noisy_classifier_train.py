@@ -229,10 +229,10 @@ def build_classifier(config: ml_collections.ConfigDict, meta: dict):
                                    tuple(meta["log_snr_range"]))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
-    """Train the classifier of ``config`` in ``workdir`` (resuming from its latest checkpoint),
-    evaluating accuracy against noise level every ``eval.every`` steps; returns the final state."""
-    validate_config(config)
+def _open(config: ml_collections.ConfigDict, workdir: str):
+    """(train split, test split, metadata, compiled functions, checkpoint manager, state): the
+    data, the classifier and its state restored from the workdir's latest checkpoint (or
+    initialised from the seed); writes config.json and the metadata file."""
     tc = config.train
     train_ds = data_lib.build_dataset(config.data, split="train", global_batch_size=tc.batch_size, seed=config.seed)
     if not train_ds.num_classes:
@@ -241,30 +241,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     test_ds = data_lib.build_dataset(config.data, split="test", global_batch_size=config.eval.batch_size,
                                      seed=config.seed)
     meta = _meta(train_ds, build.build_process(config.diffusion))
-    network = build_classifier(config, meta)
-    fns = _compiled(network, config.diffusion.to_json(), config.optim.to_json(), tc.num_steps)
-    process = fns.process
+    fns = _compiled(build_classifier(config, meta), config.diffusion.to_json(), config.optim.to_json(),
+                    tc.num_steps)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-
     root = jax.random.PRNGKey(config.seed)
     x0 = jnp.zeros((1,) + train_ds.data_shape, jnp.float32)
     params = fns.init(jax.random.fold_in(root, 0), x0, jnp.zeros((1,), jnp.float32))["params"]
-    optimizer = fns.optimizer
     init = jax.device_get(train_step.TrainState(step=jnp.int32(0), params=params, ema_params=params,
-                                               opt_state=optimizer.init(params), rng=jax.random.fold_in(root, 1),
+                                               opt_state=fns.optimizer.init(params), rng=jax.random.fold_in(root, 1),
                                                loss_state={}))
     manager = checkpoints.checkpoint_manager(workdir, tc)
-    state = jax.device_put(checkpoints.restore_or_init(manager, init))
+    return train_ds, test_ds, meta, fns, manager, jax.device_put(checkpoints.restore_or_init(manager, init))
+
+
+def _evaluate(config, fns, state, test_ds, times, key, log, step: int) -> None:
+    """Log the EMA classifier's held-out accuracy at the evaluation levels."""
+    rows = accuracy_vs_noise(fns.correct, fns.process, state.ema_params, test_ds, times, key, config.eval.batch_size)
+    scores = {f"eval_accuracy_t{r['t']:g}": r["accuracy"] for r in rows}
+    scores["eval_accuracy_mean"] = float(np.mean([r["accuracy"] for r in rows]))
+    log.write(step, scores)
+    log.console(f"eval at step {step}: mean accuracy over {len(rows)} levels {scores['eval_accuracy_mean']:.3f}; "
+                + ", ".join(f"t={r['t']:g}: {r['accuracy']:.3f}" for r in rows))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_step.TrainState:
+    """Train the classifier of ``config`` in ``workdir`` (resuming from its latest checkpoint),
+    evaluating accuracy against noise level every ``eval.every`` steps; returns the final state."""
+    validate_config(config)
+    tc = config.train
+    train_ds, test_ds, meta, fns, manager, state = _open(config, workdir)
     step = int(state.step)
     log = train_lib.MetricLog(workdir, chief=True)
     log.console(f"{'resumed from' if step else 'starting at'} step {step}; classifier with "
-                f"{sum(a.size for a in jax.tree.leaves(params))} parameters, log-SNR range {meta['log_snr_range']}")
-    times = evaluation_times(process, config.eval.num_levels)
-    eval_key = jax.random.fold_in(root, 2)
+                f"{sum(a.size for a in jax.tree.leaves(state.params))} parameters, "
+                f"log-SNR range {meta['log_snr_range']}")
+    times = evaluation_times(fns.process, config.eval.num_levels)
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2)
     tick, tick_step = time.time(), step
     while step < tc.num_steps:
         batch = train_ds.get_batch(step)
@@ -283,14 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
             log.console(f"step {step}/{tc.num_steps} | loss {metrics['loss']:.4f} | "
                         f"train accuracy {metrics['train_accuracy']:.3f} | {rate:.1f} steps/s")
         if step % config.eval.every == 0 or done:
-            rows = accuracy_vs_noise(fns.correct, process, state.ema_params, test_ds, times, eval_key,
-                                     config.eval.batch_size)
-            scores = {f"eval_accuracy_t{r['t']:g}": r["accuracy"] for r in rows}
-            scores["eval_accuracy_mean"] = float(np.mean([r["accuracy"] for r in rows]))
-            log.write(step, scores)
-            log.console(f"eval at step {step}: mean accuracy over {len(rows)} levels "
-                        f"{scores['eval_accuracy_mean']:.3f}; " + ", ".join(
-                            f"t={r['t']:g}: {r['accuracy']:.3f}" for r in rows))
+            _evaluate(config, fns, state, test_ds, times, eval_key, log, step)
             tick = time.time()
         if step % tc.checkpoint_every == 0 or done:
             manager.save(step, args=ocp.args.StandardSave(jax.device_get(state)))
