@@ -210,6 +210,11 @@ def evaluate_and_sample(run: Run, state, step: int) -> dict:
     return scores
 
 
+def _place(runner, now: bool, batches: dict) -> dict:
+    """The runner's placement of host batches when ``now``, else the batches as they are."""
+    return runner.place_batches(batches) if now else batches
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train per ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluate
     periodically, and return the final state (host arrays).
@@ -226,13 +231,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"global batch {train.batch_size}, parallelism {runner.name}"
                     + (f" (mesh {dict(runner.mesh.shape)})" if runner.name == "mesh" else ""))
     progress, bad = Progress(step), runner.flag(-1)  # bad: the first non-finite step, found on the device
+    # With several processes the thread only loads: every JAX call, the placement included, stays
+    # on the main thread, in the same order in every process (a placement racing the collectives
+    # of another thread stalled the 2-process run).
+    place_ahead = jax.process_count() == 1
     ahead = prefetch.Prefetcher(
-        lambda first: runner.place_batches(stack_steps([run.train_ds.get_batch(first + j) for j in range(k)])),
+        lambda first: _place(runner, place_ahead, stack_steps([run.train_ds.get_batch(first + j) for j in range(k)])),
         range(step, train.num_steps, k), train.prefetch)
     in_flight = collections.deque()  # the `bad` outputs of calls dispatched and maybe not finished
     try:
         for first, batches in ahead:
-            state, metrics, bad = runner.train(state, batches, bad)
+            state, metrics, bad = runner.train(state, _place(runner, not place_ahead, batches), bad)
             step = first + k
             in_flight.append(bad)
             if len(in_flight) > MAX_CALLS_IN_FLIGHT:
