@@ -576,7 +576,7 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
     from vdm import train_step
 
     make = fake_multi_step(step_seconds)
-    runner = parallel.PmapRunner(make, lambda reductions: None)
+    runner = parallel.PmapRunner(make, lambda reductions: lambda *batch_args: {})  # no eval: the step alone
     p_train = runner.train
     ds = build_input(input_sources(jpeg_folder)["jpeg folder 128 px"][0], batch, workers)
     batches = runner.place_batches(train_step.stack_steps([ds.get_batch(0)]))
