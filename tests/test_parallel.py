@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train import ENV, _assert_close, _assert_trained, _checkpoints, _cmd, _free_port, _state
+from tests.test_train import ENV, _assert_close, _assert_trained, _checkpoints, _cmd, _state, run_processes
 from vdm import config as config_lib
 from vdm import parallel
 
@@ -109,12 +109,7 @@ def test_mesh_over_two_processes_equals_one(worker, tmp_path):
     """jax.distributed on localhost, 2 processes x 2 devices, one mesh at fsdp 4 (every sharded
     array split across both processes; checkpoints written by both): both processes end with
     the state of one process with all devices."""
-    port = _free_port()
-    procs = [subprocess.Popen(_cmd(tmp_path, 2, *RUN, "train.fsdp=4", f"--process={i}/2@{port}"), env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-3000:]
+    outs = run_processes(tmp_path, 2, *RUN, "train.fsdp=4", timeout=600)
     assert "2 process(es), 4 device(s)" in outs[0] and "mesh {'data': 1, 'fsdp': 4}" in outs[0]
     p0, p1 = _state(tmp_path, 0), _state(tmp_path, 1)
     for k in p0:

@@ -8,8 +8,11 @@ device-count, multi-process and resume tests cover labels in the step) and write
 state, loss history, step), one array per leaf named by its path, to
 WORKDIR/state_<process>.npz.
 """
+import faulthandler
 import os
 import sys
+
+STALL_DUMP_S = 200  # within the 240 s the 2-process tests wait
 
 
 def tiny_config():
@@ -56,6 +59,9 @@ def save_state(workdir, state):
 
 
 def main(workdir, devices, args):
+    # A worker still running after STALL_DUMP_S prints every thread's stack (and runs on), so a
+    # stalled run's output shows where it waits when the test kills it.
+    faulthandler.dump_traceback_later(STALL_DUMP_S)
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
