@@ -7,10 +7,13 @@ tests/test_parallel.py.
    tests/train_worker.py), 3 train steps (one host call, ``lax.scan``) with
    ``parallel.PmapRunner`` on all 8 devices, and with ``parallel.MeshRunner`` on
    ``jax.devices()[:n]``, n = 1, 2, 4, 8, at fsdp = 1 and fsdp = n (every array with a
-   dimension divisible by n sharded); on 8 devices at fsdp 8 also one eval batch.
+   dimension divisible by n sharded); on 8 devices at fsdp 8 also one eval batch, and
+   16 samples drawn over the mesh (``MeshRunner.draw``, ``samplers.sample(sharding=...)``)
+   beside the samples one device draws from the same parameters.
    OUT_DIR/compare.json gets, per case, the largest absolute difference from pmap's of the
    params, EMA params, optimizer state and losses, the relative difference of the eval sums,
-   and each state array's per-device shard shape beside its shape.
+   the samples' largest difference and the rows of each device's shard, and each state
+   array's per-device shard shape beside its shape.
 2. ``train.train_and_evaluate`` with the overrides (a mesh over all 8 devices) in
    OUT_DIR/straight, its final state in OUT_DIR/straight/state_0.npz.
 """
@@ -24,6 +27,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 STEPS = 3
+SAMPLES = 16  # drawn over the 8-device mesh at fsdp 8, 2 per device
 
 
 def main(out_dir):
@@ -55,7 +59,7 @@ def main(out_dir):
         reductions, objective=setup.objective, optimizer=optimizer, optim=c.optim)
     evaluate_step = lambda reductions: functools.partial(  # noqa: E731
         train_step.eval_step, objective=setup.objective, reductions=reductions)
-    rng, index = jax.random.PRNGKey(2), np.int32(0)
+    rng, index, sample_key = jax.random.PRNGKey(2), np.int32(0), jax.random.PRNGKey(3)
 
     def run(runner, n, with_eval=True):
         local = lambda a: a.reshape((n, -1) + a.shape[1:])  # noqa: E731  [B, ...] -> [n, B / n, ...]
@@ -68,7 +72,7 @@ def main(out_dir):
         state = runner.place_state(init)
         state, metrics, _ = runner.train(state, runner.place_batches(batches), runner.flag(-1))
         sums = runner.eval_sums(state.ema_params, state.loss_state, eval_in, rng, index) if with_eval else None
-        return runner, runner.host(state), runner.host_metrics(metrics), sums
+        return runner, state, runner.host(state), runner.host_metrics(metrics), sums
 
     def max_diff(a, b):  # noqa: E306
         return max(float(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64)).max())
@@ -76,17 +80,25 @@ def main(out_dir):
 
     results = []
     devices = jax.devices()
-    _, ref, ref_metrics, ref_sums = run(parallel.PmapRunner(step, evaluate_step, devices), 8)
+    _, _, ref, ref_metrics, ref_sums = run(parallel.PmapRunner(step, evaluate_step, devices), 8)
     for n in (1, 2, 4, 8):
         for fsdp in sorted({1, n}):
             mesh = parallel.make_mesh(fsdp, devices[:n])
-            runner, got, metrics, sums = run(
+            runner, state, got, metrics, sums = run(
                 parallel.MeshRunner(step, evaluate_step, init, mesh, c.train.fsdp_min_size), n, n == fsdp == 8)
+            if n == fsdp == 8:  # the training loop's sampler over the mesh, against one device's samples
+                sharded = setup.sample(state.ema_params, sample_key, num_samples=SAMPLES, sharding=runner._rows)
+                drawn = runner.draw(setup.sample, state.ema_params, sample_key, SAMPLES)
+                alone = setup.sample(got.ema_params, sample_key, num_samples=SAMPLES)  # one device, same params
+                sampling = dict(shard_rows=[s.data.shape[0] for s in sharded.addressable_shards],
+                                scale=float(np.abs(alone).max()),
+                                sharded=max_diff(sharded, alone), drawn=max_diff(drawn, alone))
             results.append(dict(
                 devices=n, fsdp=fsdp, step=int(got.step),
                 params=max_diff(got.params, ref.params), ema_params=max_diff(got.ema_params, ref.ema_params),
                 opt_state=max_diff(got.opt_state, ref.opt_state), loss=max_diff(metrics["loss"], ref_metrics["loss"]),
                 eval={k: abs(sums[k] - ref_sums[k]) / max(abs(ref_sums[k]), 1.0) for k in ref_sums} if sums else None,
+                sampling=sampling if n == fsdp == 8 else None,
                 moved=max_diff(got.params, init.params),
                 shards={jax.tree_util.keystr(path): [list(s.shard_shape(np.shape(p))), list(np.shape(p))]
                         for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(init),
@@ -98,7 +110,7 @@ def main(out_dir):
 
 
 def straight_run(out_dir, args):
-    """The uninterrupted loop run (mesh over all 8 devices) the elastic and multi-process tests compare to."""
+    """The uninterrupted loop run (mesh over all 8 devices) the elastic-resume test compares to."""
     from tests import train_worker
     from vdm import train
 

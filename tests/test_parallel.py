@@ -75,6 +75,15 @@ def test_mesh_step_equals_pmap(worker, devices, fsdp):
         assert max(record["eval"].values()) < TOL, record["eval"]
 
 
+def test_sampling_over_the_mesh_equals_one_device(worker):
+    """The training loop's sampler over 8 devices at fsdp 8 (EMA parameters sharded, 16 samples
+    split 2 per device) draws the samples one device draws from the same parameters, to float
+    rounding (the 3-step model's samples reach |x| ~ 1e3)."""
+    sampling = next(r for r in worker[0] if r["devices"] == r["fsdp"] == 8)["sampling"]
+    assert sampling["shard_rows"] == [2] * 8, sampling
+    assert max(sampling["sharded"], sampling["drawn"]) < 1e-5 * max(sampling["scale"], 1.0), sampling
+
+
 def test_elastic_resume_on_other_device_counts_and_fsdp(worker, tmp_path):
     """Killed (SIGKILL) on 4 devices at fsdp 2 after its checkpoint of step 2 is complete; the
     sharded checkpoint resumes on 2 devices at fsdp 1 and on 8 at fsdp 4 (the data position is
@@ -105,16 +114,23 @@ def test_elastic_resume_on_other_device_counts_and_fsdp(worker, tmp_path):
         _assert_close(state, worker[1], atol=TOL)
 
 
-def test_mesh_over_two_processes_equals_one(worker, tmp_path):
+def test_mesh_over_two_processes_equals_one(tmp_path):
     """jax.distributed on localhost, 2 processes x 2 devices, one mesh at fsdp 4 (every sharded
     array split across both processes; checkpoints written by both): both processes end with
-    the state of one process with all devices."""
-    outs = run_processes(tmp_path, 2, *RUN, "train.fsdp=4", timeout=600)
+    the state of 1 process x 4 devices at fsdp 4, and sample over the mesh of both (8 samples,
+    2 per device) into the grid process 0 writes."""
+    one = subprocess.Popen(_cmd(tmp_path / "one", 4, *RUN, "train.fsdp=4"), env=ENV, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    outs = run_processes(tmp_path, 2, *RUN, "train.fsdp=4", "sample.num_samples=8", timeout=600)
+    out = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, out[-3000:]
     assert "2 process(es), 4 device(s)" in outs[0] and "mesh {'data': 1, 'fsdp': 4}" in outs[0]
+    assert "samples written to" in outs[0] and (tmp_path / "samples" / "step_0000012.png").exists(), outs[0][-2000:]
     p0, p1 = _state(tmp_path, 0), _state(tmp_path, 1)
     for k in p0:
         np.testing.assert_array_equal(p0[k], p1[k])
-    _assert_close(p0, worker[1], atol=TOL)
+    _assert_trained(p0, 12)
+    _assert_close(p0, _state(tmp_path / "one"), atol=TOL)
 
 
 @pytest.mark.parametrize("changes, field, allowed", [

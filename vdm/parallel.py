@@ -205,8 +205,15 @@ class PmapRunner:
         return self.host(state)
 
     def host(self, tree):
-        """The first device's copy, as host arrays."""
-        return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+        """The first local device's copy, as host arrays (read from that device alone: no
+        computation, no collective)."""
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
+
+    def draw(self, sample: Callable, ema_params, key, num_samples: int):
+        """``sample(params, key)`` (``num_samples`` of them) on one device of process 0 with its copy of the EMA parameters,
+        as host arrays there (None in the other processes)."""
+        params = self.host(ema_params)
+        return np.asarray(sample(params, key, num_samples=num_samples)) if jax.process_index() == 0 else None
 
     def eval_sums(self, params, loss_state, batch, rng, index) -> dict:
         sums = jax.device_get(self._eval(params, loss_state, self.place_batches(batch), rng, index))
@@ -272,6 +279,14 @@ class MeshRunner:
 
     def host(self, tree):
         return to_host(tree)
+
+    def draw(self, sample: Callable, ema_params, key, num_samples: int):
+        """``sample(params, key, sharding=...)`` over the whole mesh: the EMA parameters as they are
+        sharded, the ``num_samples`` split over every device when they divide evenly (else each
+        device draws them all); each example's noise comes from its own key, so the samples equal
+        one device's. Every process takes part and gets them all."""
+        rows = self._rows if num_samples % self.mesh.size == 0 else self.replicated
+        return to_host(sample(ema_params, key, num_samples=num_samples, sharding=rows))
 
     def eval_sums(self, params, loss_state, batch, rng, index) -> dict:
         """Sums over one eval batch ({key: [local devices, b, ...]}) of the global batch."""

@@ -200,9 +200,9 @@ def evaluate_and_sample(run: Run, state, step: int) -> dict:
     run.log.write(step, scores)
     run.log.console(f"eval at step {step}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()))
     if config.sample.num_samples > 0:
-        ema_params = run.runner.host(state.ema_params)  # every process takes part in the gather
+        samples = run.runner.draw(run.setup.sample, state.ema_params, jax.random.fold_in(run.sample_rng, step),
+                                  config.sample.num_samples)
         if run.log.chief:
-            samples = np.asarray(run.setup.sample(ema_params, jax.random.fold_in(run.sample_rng, step)))
             path = write_samples(os.path.join(run.workdir, "samples", f"step_{step:07d}.png"), samples)
             bad = int(np.sum(~np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)))
             run.log.console(f"samples written to {path}"

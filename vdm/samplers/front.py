@@ -33,6 +33,7 @@ class _Spec:
     guidance_scale: float | None
     null_label: int | None
     trajectory_every: int | None
+    rows: jax.sharding.Sharding | None = None  # the batch axis's sharding (``sample(..., sharding=...)``)
 
 
 def _prepare(shape, sampler, schedule, log_snr_fn, num_steps, spacing, rho, sigma_min, sigma_max,
@@ -108,6 +109,8 @@ def _run(model_fn, spec: _Spec, grid: Grid, keys, labels, params=None, axis_name
     den = Denoiser(model_fn, *spec.den)
     k_init, k_steps = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     x_T = jax.vmap(lambda k: jax.random.normal(k, spec.shape))(k_init)
+    if spec.rows is not None:  # keep the batch split over the devices, through the loop to the output
+        x_T = jax.lax.with_sharding_constraint(x_T, spec.rows)
     info = REGISTRY[spec.sampler]
     context = {"axis_name": lambda: axis_name, "time_of": lambda: nearest_level_fn(spec.levels)}
     options = dict(spec.options, **{name: context[name]() for name in info.context})
@@ -138,7 +141,7 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
            parameterization: str = "eps", variance_type: str = "fixed_small", clip_x0=None,
            threshold: float | None = None, labels=None, guidance_scale: float | None = None,
            null_label: int | None = None, trajectory_every: int | None = None, pmap: bool = False,
-           params=None, sigma_data: float = diffusion.EDM_SIGMA_DATA, **options):
+           sharding=None, params=None, sigma_data: float = diffusion.EDM_SIGMA_DATA, **options):
     """Draw ``shape[0]`` samples of shape ``shape[1:]`` with the named sampler (one compile).
 
     model_fn(x_t, t) -> output, t of shape [B] in the model's own time (int 1..T with
@@ -153,7 +156,11 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     The key is split into one key per example, which draws that example's x_T and
     step noise. With ``pmap`` the batch is spread over all local devices
     (shape[0] must divide evenly); the result equals the single-device one for any
-    device count (up to float rounding). The compile is cached on (model_fn,
+    device count (up to float rounding). With ``sharding`` (a ``jax.sharding.Sharding`` of a
+    [batch] array, e.g. ``NamedSharding(mesh, P(("data", "fsdp")))``), the per-example keys and
+    labels are placed with it, so the one compiled sampler runs over its devices, each drawing its
+    slice of the batch, with ``params`` as they are sharded (every process of a multi-process
+    mesh calls it); the result is a global array equal to the single-device one. The compile is cached on (model_fn,
     settings, shapes): reuse the same model_fn object. With ``params``, the model is
     model_fn(params, x_t, t) and params a traced argument, so one compile serves every
     parameter value (a training run's successive EMA parameters). Returns the samples, or
@@ -164,6 +171,11 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
                           guidance_scale, null_label, trajectory_every, options, sigma_data)
     keys = jax.random.split(key, shape[0])
     labels = None if labels is None else jnp.asarray(labels)
+    if sharding is not None:
+        if pmap:
+            raise ValueError("give pmap=True or a sharding, not both")
+        keys, labels = (None if a is None else _place_rows(a, sharding) for a in (keys, labels))
+        spec = dataclasses.replace(spec, rows=sharding)
     if not pmap:
         x, traj = _run_jit(model_fn, spec, grid, keys, labels, params)
         return x if trajectory_every is None else (x, traj)
@@ -177,6 +189,18 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
         return x
     merge = lambda a: jnp.moveaxis(a, 0, 1).reshape((a.shape[1], shape[0]) + a.shape[3:])
     return x, Trajectory(traj.times[0], merge(traj.x), merge(traj.x0))
+
+
+def _place_rows(rows, sharding):
+    """The same host value in every process -> a global array with ``sharding`` (each process
+    fills its own devices' slices)."""
+    rows = np.asarray(rows)
+    try:
+        sharding.shard_shape(rows.shape)
+    except ValueError as e:
+        raise ValueError(f"the batch of {rows.shape[0]} samples cannot be split by the sharding {sharding}: "
+                         f"{e}") from None
+    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
 
 def pmap_sample(model_fn: Callable, key, shape, **kwargs):
