@@ -564,6 +564,20 @@ def overlap_config(jpeg_folder: str, batch: int, steps: int):
     return c
 
 
+def loop_state(config, dataset):
+    """The TrainState the loop of ``config`` starts from (its network's params, EMA params and
+    Adam state): the step alone is timed on the same state, whose hundreds of arrays the step
+    passes through, as in the loop."""
+    from vdm import build, train_step
+
+    setup = build.build_setup(config, dataset)
+    optimizer = train_step.make_optimizer(config.optim, config.train.num_steps)
+    params = setup.init_params(jax.random.PRNGKey(0))
+    return jax.device_get(train_step.TrainState(
+        step=jnp.int32(0), params=params, ema_params=params, opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(1), loss_state=setup.objective.init_loss_state()))
+
+
 def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int, workers: int) -> dict:
     """Seconds per step of the real loop (``vdm.train.train_and_evaluate``) on the JPEG folder with
     ``fake_multi_step`` as its step, with the batches prefetched (train.prefetch = 2) and made
@@ -580,8 +594,7 @@ def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int,
     p_train = runner.train
     ds = build_input(input_sources(jpeg_folder)["jpeg folder 128 px"][0], batch, workers)
     batches = runner.place_batches(train_step.stack_steps([ds.get_batch(0)]))
-    state = runner.place_state(train_step.TrainState(step=jnp.int32(0), params={}, ema_params={}, opt_state={},
-                                                    rng=jnp.zeros(2, jnp.uint32), loss_state={}))
+    state = runner.place_state(loop_state(overlap_config(jpeg_folder, batch, steps), ds))
     bad = runner.flag(-1)
     jax.block_until_ready(p_train(state, batches, bad))
     alone, load = [], []
