@@ -136,6 +136,17 @@ def test_two_processes_match_one(one_device, tmp_path):
     np.testing.assert_allclose(list(_losses(tmp_path).values()), list(one_device[1].values()), rtol=1e-5)
 
 
+
+def test_pmap_over_cpu_processes_with_several_devices_is_refused(tmp_path):
+    """2 processes x 2 CPU devices under pmap stop at once, naming the field and the way out."""
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(tmp_path, 2, f"--process={i}/2@{port}"), env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=240)[0]
+        assert p.returncode != 0 and "config.train.parallelism = 'pmap' with 2 CPU processes of 2 devices" in out, \
+            out[-3000:]
+
 def _checkpoints(workdir):
     root = os.path.join(workdir, "checkpoints")
     names = os.listdir(root) if os.path.isdir(root) else []

@@ -303,8 +303,17 @@ class MeshRunner:
 
 
 def make_runner(train_cfg, steps: Callable, evals: Callable, state_template):
-    """The runner ``train.parallelism`` names (``steps`` / ``evals``: see ``PmapRunner``)."""
+    """The runner ``train.parallelism`` names (``steps`` / ``evals``: see ``PmapRunner``).
+
+    Refuses ``pmap`` over several CPU processes with more than one device each: under jax 0.10.2
+    such a run stalls in about half the launches (one process blocks on its own device after the
+    other has finished; tests/test_train.py), while one device per process, or the mesh, runs."""
     if train_cfg.parallelism == "pmap":
+        n = jax.local_device_count()
+        if jax.process_count() > 1 and n > 1 and jax.default_backend() == "cpu":
+            raise ValueError(f"config.train.parallelism = 'pmap' with {jax.process_count()} CPU processes of {n} "
+                             "devices each stalls under this jax (CPU collectives); give each process one device, "
+                             "or set train.parallelism = 'mesh'")
         return PmapRunner(steps, evals)
     return MeshRunner(steps, evals, state_template, make_mesh(train_cfg.fsdp), train_cfg.fsdp_min_size)
 
