@@ -110,7 +110,8 @@ def run_processes(workdir, devices, *args, timeout=240):
         for p in procs:
             p.kill()
         outs = [p.communicate()[0] for p in procs]
-        pytest.fail("2-process run timed out:\n" + "\n".join(f"--- process {i}\n{o[-4000:]}" for i, o in enumerate(outs)))
+        tails = (f"--- process {i}\n{out[-4000:]}" for i, out in enumerate(outs))
+        pytest.fail("2-process run timed out:\n" + "\n".join(tails))
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     return outs

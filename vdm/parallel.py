@@ -210,8 +210,8 @@ class PmapRunner:
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
 
     def draw(self, sample: Callable, ema_params, key, num_samples: int):
-        """``sample(params, key)`` (``num_samples`` of them) on one device of process 0 with its copy of the EMA parameters,
-        as host arrays there (None in the other processes)."""
+        """``num_samples`` of ``sample(params, key)`` on one device of process 0 with its copy of
+        the EMA parameters, as host arrays there (None in the other processes)."""
         params = self.host(ema_params)
         return np.asarray(sample(params, key, num_samples=num_samples)) if jax.process_index() == 0 else None
 

@@ -158,10 +158,10 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
     (shape[0] must divide evenly); the result equals the single-device one for any
     device count (up to float rounding). With ``sharding`` (a ``jax.sharding.Sharding`` of a
     [batch] array, e.g. ``NamedSharding(mesh, P(("data", "fsdp")))``), the per-example keys and
-    labels are placed with it, so the one compiled sampler runs over its devices, each drawing its
-    slice of the batch, with ``params`` as they are sharded (every process of a multi-process
-    mesh calls it); the result is a global array equal to the single-device one. The compile is cached on (model_fn,
-    settings, shapes): reuse the same model_fn object. With ``params``, the model is
+    labels are placed with it, so the one compiled sampler runs over its devices, each drawing
+    its slice of the batch, with ``params`` as they are sharded (every process of a
+    multi-process mesh calls it); the result is a global array equal to the single-device one.
+    The compile is cached on (model_fn, settings, shapes): reuse the same model_fn object. With ``params``, the model is
     model_fn(params, x_t, t) and params a traced argument, so one compile serves every
     parameter value (a training run's successive EMA parameters). Returns the samples, or
     (samples, Trajectory) with ``trajectory_every``.
