@@ -137,7 +137,6 @@ def test_two_processes_match_one(one_device, tmp_path):
     np.testing.assert_allclose(list(_losses(tmp_path).values()), list(one_device[1].values()), rtol=1e-5)
 
 
-
 def test_pmap_over_cpu_processes_with_several_devices_is_refused(tmp_path):
     """2 processes x 2 CPU devices under pmap stop at once, naming the field and the way out."""
     port = _free_port()
@@ -147,6 +146,7 @@ def test_pmap_over_cpu_processes_with_several_devices_is_refused(tmp_path):
         out = p.communicate(timeout=240)[0]
         assert p.returncode != 0 and "config.train.parallelism = 'pmap' with 2 CPU processes of 2 devices" in out, \
             out[-3000:]
+
 
 def _checkpoints(workdir):
     root = os.path.join(workdir, "checkpoints")
