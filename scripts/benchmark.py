@@ -570,12 +570,8 @@ def loop_state(config, dataset):
     passes through, as in the loop."""
     from vdm import build, train_step
 
-    setup = build.build_setup(config, dataset)
     optimizer = train_step.make_optimizer(config.optim, config.train.num_steps)
-    params = setup.init_params(jax.random.PRNGKey(0))
-    return jax.device_get(train_step.TrainState(
-        step=jnp.int32(0), params=params, ema_params=params, opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(1), loss_state=setup.objective.init_loss_state()))
+    return train_step.initial_state(build.build_setup(config, dataset), optimizer, jax.random.PRNGKey(config.seed))
 
 
 def bench_overlap(jpeg_folder: str, step_seconds: float, steps: int, batch: int, workers: int) -> dict:

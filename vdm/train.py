@@ -25,7 +25,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,7 +38,7 @@ from vdm import data as data_lib
 from vdm import diagnose
 from vdm import prefetch
 from vdm import viz
-from vdm.train_step import TrainState, make_optimizer, make_runner, stack_steps
+from vdm.train_step import TrainState, initial_state, make_optimizer, make_runner, stack_steps
 
 # Host calls dispatched ahead of the one the host waits for: enough to keep the device busy
 # while the host dispatches the next, few enough to bound the batches held on the devices.
@@ -154,10 +153,7 @@ def open_run(config: ml_collections.ConfigDict, workdir: str):
     setup = build.build_setup(config, train_ds)
     optimizer = make_optimizer(config.optim, train.num_steps)
     root = jax.random.PRNGKey(config.seed)
-    params = setup.init_params(jax.random.fold_in(root, 0))
-    init = jax.device_get(TrainState(
-        step=jnp.int32(0), params=params, ema_params=params, opt_state=optimizer.init(params),
-        rng=jax.random.fold_in(root, 1), loss_state=setup.objective.init_loss_state()))
+    init = initial_state(setup, optimizer, root)
     manager = checkpoints.checkpoint_manager(workdir, train)
     runner = make_runner(train, setup.objective, optimizer, config.optim, init)
     state = runner.place_state(checkpoints.restore_or_init(manager, init, runner.restore_target(init)))
@@ -210,11 +206,6 @@ def evaluate_and_sample(run: Run, state, step: int) -> dict:
     return scores
 
 
-def _place(runner, now: bool, batches: dict) -> dict:
-    """The runner's placement of host batches when ``now``, else the batches as they are."""
-    return runner.place_batches(batches) if now else batches
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train per ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluate
     periodically, and return the final state (host arrays).
@@ -231,17 +222,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     f"global batch {train.batch_size}, parallelism {runner.name}"
                     + (f" (mesh {dict(runner.mesh.shape)})" if runner.name == "mesh" else ""))
     progress, bad = Progress(step), runner.flag(-1)  # bad: the first non-finite step, found on the device
-    # With several processes the thread only loads: every JAX call, the placement included, stays
-    # on the main thread, in the same order in every process (a placement racing the collectives
-    # of another thread stalled the 2-process run).
-    place_ahead = jax.process_count() == 1
     ahead = prefetch.Prefetcher(
-        lambda first: _place(runner, place_ahead, stack_steps([run.train_ds.get_batch(first + j) for j in range(k)])),
+        lambda first: runner.place_batches(stack_steps([run.train_ds.get_batch(first + j) for j in range(k)])),
         range(step, train.num_steps, k), train.prefetch)
     in_flight = collections.deque()  # the `bad` outputs of calls dispatched and maybe not finished
     try:
         for first, batches in ahead:
-            state, metrics, bad = runner.train(state, _place(runner, not place_ahead, batches), bad)
+            state, metrics, bad = runner.train(state, batches, bad)
             step = first + k
             in_flight.append(bad)
             if len(in_flight) > MAX_CALLS_IN_FLIGHT:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import diffusion
+from vdm import diffusion, parallel
 from vdm.samplers.denoiser import Denoiser
 from vdm.samplers.drive import Trajectory, check_every
 from vdm.samplers.grids import Grid, time_grid
@@ -192,15 +192,15 @@ def sample(model_fn: Callable, key, shape, *, sampler: str = "ancestral",
 
 
 def _place_rows(rows, sharding):
-    """The same host value in every process -> a global array with ``sharding`` (each process
-    fills its own devices' slices)."""
+    """The same host value in every process -> a global array with ``sharding``
+    (``vdm.parallel.place``), or a ValueError when the batch does not split evenly."""
     rows = np.asarray(rows)
     try:
         sharding.shard_shape(rows.shape)
     except ValueError as e:
         raise ValueError(f"the batch of {rows.shape[0]} samples cannot be split by the sharding {sharding}: "
                          f"{e}") from None
-    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+    return parallel.place(rows, sharding)
 
 
 def pmap_sample(model_fn: Callable, key, shape, **kwargs):
