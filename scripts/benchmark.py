@@ -387,11 +387,28 @@ def bench_train(ub: UNetBench) -> Pending:
     return Pending([timer], finish)
 
 
-def bench_forward(ub: UNetBench, batch: int) -> Pending:
-    """One jitted network forward at ``batch``."""
+def sample_devices(batch: int) -> int:
+    """The local device count, which ``--sample-batch`` must divide: the sampler and the forward
+    it is compared with split their batch over every local device."""
+    n = jax.local_device_count()
+    if batch % n:
+        raise ValueError(f"--sample-batch {batch} must be divisible by the {n} local devices")
+    return n
+
+
+def bench_forward(ub: UNetBench, batch: int, devices: int = 1) -> Pending:
+    """One jitted network forward at ``batch``, split over ``devices`` local devices (pmap)."""
     x = jax.random.normal(jax.random.PRNGKey(3), (batch,) + ub.image_shape)
     t = jnp.full((batch,), ub.process.T // 2, jnp.int32)
-    timer = Timer(lambda params, x, t: ub.model_fn(params)(x, t), ub.params, x, t)
+
+    def forward(params, x, t):
+        if devices == 1:
+            return ub.model_fn(params)(x, t)
+        split = lambda a: a.reshape((devices, batch // devices) + a.shape[1:])
+        out = jax.pmap(lambda p, x, t: ub.model_fn(p)(x, t), in_axes=(None, 0, 0))(params, split(x), split(t))
+        return out.reshape(x.shape)
+
+    timer = Timer(forward, ub.params, x, t)
     return Pending([timer], with_gflops(timer, batch=batch))
 
 
@@ -399,12 +416,16 @@ def bench_sampler(ub: UNetBench, sampler: str, batch: int, steps: int, compile_s
     """Runs of ``samplers.sample`` (one lax.scan) with ``steps`` and ``2 * steps`` steps: the
     seconds per step are the difference of the two over ``steps``, round by round (the cost
     of a step inside the loop, without the fixed cost of a call); and the compile time of
-    the same sampler with ``compile_steps`` steps (compiled, not run)."""
+    the same sampler with ``compile_steps`` steps (compiled, not run). With several local
+    devices the batch is split over them (``samplers.sample(..., pmap=True)``), as
+    scripts/sample.py does."""
     from vdm import samplers
+
+    spread = sample_devices(batch) > 1
 
     def run(num_steps):
         return lambda params, key: samplers.sample(ub.model_fn(params), key, (batch,) + ub.image_shape,
-                                                   sampler=sampler, num_steps=num_steps,
+                                                   sampler=sampler, num_steps=num_steps, pmap=spread,
                                                    **ub.diffusion_kwargs())
 
     key = jax.random.PRNGKey(4)
@@ -897,6 +918,12 @@ def main(argv=None) -> dict:
     if "sample" in args.only:
         from vdm import samplers
 
+        try:  # refused now, not after the training section
+            for size in args.sizes:
+                sample_devices(args.sample_batch or args.train_batch or UNET_SIZES[size][2])
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+
         bad = [s for s in args.samplers if s not in samplers.SAMPLERS]
         if bad:
             raise ValueError(f"--samplers: unknown {bad}; allowed: {', '.join(samplers.SAMPLERS)}")
@@ -939,7 +966,7 @@ def main(argv=None) -> dict:
         ub, u = benches[size], results["unet"][size]
         if size in args.sizes and "sample" in args.only:
             sample_batch = args.sample_batch or ub.batch
-            group = {"forward": bench_forward(ub, sample_batch)}
+            group = {"forward": bench_forward(ub, sample_batch, sample_devices(sample_batch))}
             group.update({s: bench_sampler(ub, s, sample_batch, args.sample_steps, args.compile_steps)
                           for s in args.samplers})
             done = run_interleaved(group, args.repeats)

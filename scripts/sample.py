@@ -49,7 +49,8 @@ _ETA = flags.DEFINE_float("eta", None, "DDIM eta (sampler=ddim).")
 _OPTIONS = flags.DEFINE_multi_string("option", [], "Other sampler options as key=value, e.g. method=heun, "
                                      "corrector_steps=2, snr=0.16, steps_per_level=50.")
 _CLIP = flags.DEFINE_bool("clip_x0", None, "Clip predicted x0 to [-1, 1] (default: on for images).")
-_NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples.")
+_NUM = flags.DEFINE_integer("num_samples", 64, "Number of samples; spread over every local device (pmap) "
+                           "when their count divides it, with the same samples as on one device.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FRAMES = flags.DEFINE_integer("frames", 100, "At most this many trajectory records (GIF frames, paths).")
 _OUT = flags.DEFINE_string("out", "", "Output directory.")
@@ -162,11 +163,12 @@ def main(argv):
     label_args = {} if guide is not None or not setup.network.num_classes else dict(
         labels=np.full(num, setup.network.num_classes, np.int32) if labels is None else labels,
         guidance_scale=_GUIDANCE.value)
+    devices = jax.local_device_count() if num % jax.local_device_count() == 0 else 1
     with cli.usage_errors():
         samples, traj = setup.sample(params, jax.random.PRNGKey(_SEED.value), num_samples=num,
                                      sampler=sampler, num_steps=steps, spacing=_SPACING.value,
                                      options=options or None, clip_x0=clip, trajectory_every=every, guide=guide,
-                                     **label_args)
+                                     pmap=devices > 1, **label_args)
     samples, traj = np.asarray(samples), jax.tree.map(np.asarray, traj)
 
     name = f"{sampler}_{steps}steps_seed{_SEED.value}" + label_suffix(_LABEL.value, _GUIDANCE.value)
@@ -198,7 +200,8 @@ def main(argv):
         written.append(viz.plot_2d_samples(os.path.join(out, "scatter.png"), samples, data=reference,
                                            log_prob_fn=dataset.log_prob,
                                            title=f"{sampler}, {steps} steps"))
-    print(f"checkpoint step {step}; {len(samples)} samples with {sampler}, {steps} steps")
+    print(f"checkpoint step {step}; {len(samples)} samples with {sampler}, {steps} steps, "
+          f"on {devices} device{'s' * (devices > 1)}")
     for path in written:
         print(f"  wrote {path}")
 

@@ -22,7 +22,10 @@ import sys
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+sys.path.insert(0, ROOT)
+from tests.conftest import FAST_COMPILE  # noqa: E402  (after the path insert)
+
+FAST_XLA = f"--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true {FAST_COMPILE}"
 T = 50  # the smallest T at which the linear schedule's 1000/T rescaling keeps betas < 1
 
 
@@ -134,5 +137,4 @@ def main(runs_path, results_path, workroot):
 if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = FAST_XLA
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, ROOT)
     main(*sys.argv[1:])

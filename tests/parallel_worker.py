@@ -22,9 +22,11 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import xla_flags  # noqa: E402  (after the path insert)
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 STEPS = 3
 SAMPLES = 16  # drawn over the 8-device mesh at fsdp 8, 2 per device

@@ -77,11 +77,14 @@ def test_unet_sections_run_the_real_train_step_sampler_and_elbo(bench):
     assert np.isfinite(smp["step_over_forward"]["median"])  # a difference of timings: its sign is noise at this size
 
 
-def test_bad_arguments_are_refused(bench):
+def test_bad_arguments_are_refused(bench, monkeypatch):
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "limits,bogus"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--sizes", "huge"])
+    monkeypatch.setattr(jax, "local_device_count", lambda: 2)  # the sampler splits its batch over them
+    with pytest.raises(SystemExit, match="--sample-batch 3 must be divisible by the 2 local devices"):
+        bench.main(["--only=sample", "--sizes=small", "--sample-batch=3"])
 
 
 def test_main_runs_every_section_at_tiny_size(bench, tmp_path, monkeypatch):

@@ -174,7 +174,8 @@ def test_output_changes_with_label_and_null_label(unet):
     outs = [apply(params, x, t, jnp.full((4,), c, jnp.int32)) for c in (3, 4, NUM_CLASSES)]
     for a, b in [(0, 1), (0, 2), (1, 2)]:
         assert np.abs(outs[a] - outs[b]).max(axis=(1, 2, 3)).min() > 1e-3
-    assert np.array_equal(apply(params, x, t, None), outs[2])  # cond=None is the null class
+    # cond=None is the null class: the same values up to float rounding (two programs, compiled apart)
+    np.testing.assert_allclose(apply(params, x, t, None), outs[2], rtol=1e-5, atol=1e-6)
 
 
 def test_time_embedding_separates_neighbouring_t():

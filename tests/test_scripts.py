@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model.ch": 8, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
         "model.num_groups": 4, "diffusion.T": 20, "train.num_steps": 10, "train.batch_size": 16,
@@ -28,8 +30,8 @@ def _flag_value(v):
 TINY_FLAGS = [f"--config.{k}={_flag_value(v)}" for k, v in TINY.items() if k != "train.num_steps"]
 
 
-def _run(script, *args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _run(script, *args, devices: int = 1):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -70,13 +72,15 @@ def test_sample_writes_samples_grid_and_gif(digits_workdir, tmp_path):
     with Image.open(tmp_path / "a" / "denoise.gif") as gif:
         assert gif.n_frames == 1 + sum(not np.array_equal(g, h) for g, h in zip(grids, grids[1:]))
     assert Image.open(tmp_path / "a" / "grid.png").size[0] >= 32
-    r = _run("sample.py", *args, f"--out={tmp_path / 'b'}")  # same seed, same samples
-    np.testing.assert_array_equal(np.load(tmp_path / "b" / "samples.npz")["samples"], samples)
+    # Same seed, same samples, also when sample.py spreads them over 2 devices.
+    r = _run("sample.py", *args, f"--out={tmp_path / 'b'}", devices=2)
+    assert r.returncode == 0 and "6 samples with ddim, 5 steps, on 2 devices" in r.stdout, r.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "samples.npz")["samples"], samples, atol=1e-6)
     # The raw parameters of step 10, another seed, stochastic DDIM on leading steps, no clipping;
     # 2 samples of every class at classifier-free guidance scale 1.5, one grid row per class.
     r = _run("sample.py", *args, "--step=10", "--raw_params", "--seed=1", "--spacing=leading", "--clip_x0=false",
              "--option=eta=1.0", "--label=all", "--num_samples=2", "--guidance_scale=1.5",
-             f"--out={tmp_path / 'c'}")
+             f"--out={tmp_path / 'c'}", devices=2)
     assert r.returncode == 0, r.stderr[-3000:]
     other = np.load(tmp_path / "c" / "samples.npz")
     assert other["samples"].shape == (20,) + samples.shape[1:] and float(other["guidance_scale"]) == 1.5

@@ -18,6 +18,7 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
 from vdm import config as config_lib
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
@@ -243,7 +244,7 @@ def test_validation_batch_not_divisible_by_devices(tmp_path):
     code = ("import sys; sys.path.insert(0, %r)\n"
             "from vdm import config\nc = config.defaults(); c.train.batch_size = 6\n"
             "config.validate(c)\n") % os.path.dirname(os.path.dirname(WORKER))
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(ENV, XLA_FLAGS=xla_flags(4))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "config.train.batch_size" in out.stderr and "(4)" in out.stderr
 

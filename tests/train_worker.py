@@ -62,9 +62,11 @@ def main(workdir, devices, args):
     # A worker still running after STALL_DUMP_S prints every thread's stack (and runs on), so a
     # stalled run's output shows where it waits when the test kills it.
     faulthandler.dump_traceback_later(STALL_DUMP_S)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.conftest import xla_flags
+
+    os.environ["XLA_FLAGS"] = xla_flags(devices)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from vdm import train
 
     config = configure(args)
