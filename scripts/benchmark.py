@@ -387,6 +387,11 @@ def bench_train(ub: UNetBench) -> Pending:
     return Pending([timer], finish)
 
 
+def train_batch(args, size: str) -> int:
+    """The training batch of a UNet size: ``--train-batch``, or the size's own."""
+    return args.train_batch or UNET_SIZES[size][2]
+
+
 def sample_devices(batch: int) -> int:
     """The local device count, which ``--sample-batch`` must divide: the sampler and the forward
     it is compared with split their batch over every local device."""
@@ -920,7 +925,7 @@ def main(argv=None) -> dict:
 
         try:  # refused now, not after the training section
             for size in args.sizes:
-                sample_devices(args.sample_batch or args.train_batch or UNET_SIZES[size][2])
+                sample_devices(args.sample_batch or train_batch(args, size))
         except ValueError as e:
             raise SystemExit(str(e)) from None
 
@@ -941,8 +946,8 @@ def main(argv=None) -> dict:
     sizes = sizes if {"train", "sample", "elbo"} & set(args.only) else []
     benches = {}
     for size in sizes:
-        ch, ch_mult, default_batch = UNET_SIZES[size]
-        benches[size] = UNetBench(ch, ch_mult, args.train_batch or default_batch, args.dtype, args.steps_per_call)
+        ch, ch_mult, _ = UNET_SIZES[size]
+        benches[size] = UNetBench(ch, ch_mult, train_batch(args, size), args.dtype, args.steps_per_call)
         results["unet"][size] = {"num_params": benches[size].num_params}
     first: dict[str, Pending] = {}
     if "limits" in args.only:

@@ -163,7 +163,8 @@ def main(argv):
     label_args = {} if guide is not None or not setup.network.num_classes else dict(
         labels=np.full(num, setup.network.num_classes, np.int32) if labels is None else labels,
         guidance_scale=_GUIDANCE.value)
-    devices = jax.local_device_count() if num % jax.local_device_count() == 0 else 1
+    local = jax.local_device_count()
+    devices = local if num % local == 0 else 1
     with cli.usage_errors():
         samples, traj = setup.sample(params, jax.random.PRNGKey(_SEED.value), num_samples=num,
                                      sampler=sampler, num_steps=steps, spacing=_SPACING.value,
