@@ -75,7 +75,7 @@ def device_info() -> dict:
     return {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "device_count": jax.device_count(), "host_cpu": cpu, "host_cores": os.cpu_count(),
             "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def peak_tflops(info: dict, dtype: str) -> float | None:
@@ -857,7 +857,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help=f"UNet sizes, subset of {tuple(UNET_SIZES)}")
     p.add_argument("--train-batch", type=int, default=None,
                    help="global training batch for every size (default: small 32, base 16)")
-    p.add_argument("--steps-per-call", type=int, default=1, help="train steps per host call (lax.scan)")
+    p.add_argument("--steps-per-call", type=int, default=10,
+                   help="train steps per host call (one lax.scan), as in configs/cifar10.py")
     p.add_argument("--samplers", default="ancestral,ddim", help="samplers to time (vdm.samplers.SAMPLERS)")
     p.add_argument("--sample-batch", type=int, default=None,
                    help="batch of the forward and the samplers (default: the size's training batch)")

@@ -442,6 +442,39 @@ def test_accumulated_step_equals_one_step_over_the_combined_batch(tmp_path):
     assert moved > 1e-5  # the two updates did change the parameters
 
 
+def test_steps_per_call_leaves_the_trained_state_unchanged():
+    """3 steps in one host call (``train.steps_per_call = 3``, one ``lax.scan``) end with the
+    params, EMA params, optimiser state and per-step losses of 3 calls of one step each (the
+    tiny class-conditional config: per-step keys for t, noise and label dropout)."""
+    import jax
+    import jax.numpy as jnp
+
+    from tests.train_worker import tiny_config
+    from vdm import build, data, parallel, train_step
+
+    c = tiny_config()
+    ds = data.build_dataset(c.data, split="train", global_batch_size=16, seed=0)
+    setup = build.build_setup(c, ds)
+    tx = train_step.make_optimizer(c.optim, 3)
+    params = setup.init_params(jax.random.PRNGKey(0))
+    state = parallel.replicate(train_step.TrainState(
+        step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(1), loss_state=setup.objective.init_loss_state()))
+    batches = {k: np.stack([ds.get_batch(i)[k] for i in range(3)], axis=1) for k in ("x", "label")}  # [1, 3, B]
+    p_train = train_step.make_p_train(setup.objective, tx, c.optim)
+    one_call, metrics = p_train(state, batches)
+    losses = []
+    for i in range(3):
+        state, m = p_train(state, {k: v[:, i:i + 1] for k, v in batches.items()})
+        losses.append(m["loss"][0, 0])
+    np.testing.assert_allclose(losses, metrics["loss"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = max(float(np.abs(a[0] - b).max()) for a, b in zip(jax.tree.leaves(one_call.params),
+                                                               jax.tree.leaves(params)))
+    assert moved > 1e-3  # the steps did change the parameters
+
+
 def test_train_time_sampler_compiles_once_for_new_params():
     """The loop's sampler takes the parameters as an argument: new EMA parameters (host NumPy
     arrays, as the loop passes them) reuse the compiled sampler."""

@@ -62,8 +62,10 @@ def defaults() -> ml_collections.ConfigDict:
         lr=2e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.0, b1=0.9,
         b2=0.99, eps=1e-8, grad_clip=1.0, accum_steps=1, ema_decay=0.999))
     c.train = ml_collections.ConfigDict(dict(
-        num_steps=3000, batch_size=64, steps_per_call=1, log_every=100, checkpoint_every=1000,
-        keep_checkpoints=2,
+        num_steps=3000, batch_size=64,
+        steps_per_call=1,           # steps per host call (one lax.scan); on CPU >= 10 amortises XLA's
+                                    # per-call buffer allocation (docs/performance.md, item 12)
+        log_every=100, checkpoint_every=1000, keep_checkpoints=2,
         label_dropout=0.0,          # data.conditional: p_uncond of classifier-free guidance (Ho & Salimans 2022)
         prefetch=2,                 # host calls whose batches a thread prepares ahead (0: none)
         distributed=False, coordinator_address="", num_processes=1, process_id=0,
