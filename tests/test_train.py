@@ -447,7 +447,6 @@ def test_steps_per_call_leaves_the_trained_state_unchanged():
     params, EMA params, optimiser state and per-step losses of 3 calls of one step each (the
     tiny class-conditional config: per-step keys for t, noise and label dropout)."""
     import jax
-    import jax.numpy as jnp
 
     from tests.train_worker import tiny_config
     from vdm import build, data, parallel, train_step
@@ -456,10 +455,8 @@ def test_steps_per_call_leaves_the_trained_state_unchanged():
     ds = data.build_dataset(c.data, split="train", global_batch_size=16, seed=0)
     setup = build.build_setup(c, ds)
     tx = train_step.make_optimizer(c.optim, 3)
-    params = setup.init_params(jax.random.PRNGKey(0))
-    state = parallel.replicate(train_step.TrainState(
-        step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(1), loss_state=setup.objective.init_loss_state()))
+    init = train_step.initial_state(setup, tx, jax.random.PRNGKey(0))
+    state = parallel.replicate(init)
     batches = {k: np.stack([ds.get_batch(i)[k] for i in range(3)], axis=1) for k in ("x", "label")}  # [1, 3, B]
     p_train = train_step.make_p_train(setup.objective, tx, c.optim)
     one_call, metrics = p_train(state, batches)
@@ -471,7 +468,7 @@ def test_steps_per_call_leaves_the_trained_state_unchanged():
     for a, b in zip(jax.tree.leaves(one_call), jax.tree.leaves(state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     moved = max(float(np.abs(a[0] - b).max()) for a, b in zip(jax.tree.leaves(one_call.params),
-                                                               jax.tree.leaves(params)))
+                                                               jax.tree.leaves(init.params)))
     assert moved > 1e-3  # the steps did change the parameters
 
 
