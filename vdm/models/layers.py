@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdm.models import cpu_conv
+from vdm.models import cpu_conv, cpu_dense
 
 Dtype = Any
 
@@ -109,6 +109,14 @@ def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, strides: int = 1, k
                    dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv)
 
 
+def token_dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+    """Dense layer applied at every position of a [B, H, W, C] map (a 1x1 convolution); on CPU through
+    ``cpu_dense.dense``, whose kernel gradient (contracting B*H*W) XLA:CPU runs in YNNPACK."""
+    dot_general = cpu_dense.dot_general if jax.default_backend() == "cpu" else None
+    return nn.Dense(features, kernel_init=default_init, dtype=dtype, param_dtype=param_dtype, name=name,
+                    dot_general=dot_general)
+
+
 class ResBlock(nn.Module):
     """Wide-ResNet block with the conditioning vector added after the first conv.
 
@@ -132,7 +140,7 @@ class ResBlock(nn.Module):
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv3x3(self.out_ch, **kw)(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Dense(self.out_ch, kernel_init=default_init, name="shortcut", **kw)(x)
+            x = token_dense(self.out_ch, name="shortcut", **kw)(x)
         return x + h
 
 
@@ -152,10 +160,10 @@ class AttnBlock(nn.Module):
         B, H, W, C = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = group_norm(self.num_groups, **kw)(x)
-        qkv = nn.Dense(3 * C, kernel_init=default_init, name="qkv", **kw)(h)
+        qkv = token_dense(3 * C, name="qkv", **kw)(h)
         q, k, v = jnp.split(qkv.reshape(B, H * W, 3 * self.num_heads, C // self.num_heads), 3, axis=2)
         h = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)
-        return x + nn.Dense(C, kernel_init=default_init, name="proj_out", **kw)(h)
+        return x + token_dense(C, name="proj_out", **kw)(h)
 
 
 class Downsample(nn.Module):
