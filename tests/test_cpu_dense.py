@@ -2,6 +2,7 @@
 params after a few SGD steps of a ResBlock (with its 1x1 shortcut) and an AttnBlock (q/k/v and
 output projections) in a ``lax.scan`` are the same with ``vdm.models.cpu_dense`` as with
 ``lax.dot_general``."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,8 @@ def test_dense_gradients_equal_xla():
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-class _Blocks(layers.nn.Module):
-    @layers.nn.compact
+class _Blocks(nn.Module):
+    @nn.compact
     def __call__(self, x, emb):
         return layers.AttnBlock(num_groups=4)(layers.ResBlock(16, num_groups=4)(x, emb))
 
@@ -56,7 +57,7 @@ def test_params_after_steps_equal_with_cpu_dense_and_xla(monkeypatch):
     ours, losses = _train(params, xs, ys, emb)
     monkeypatch.setattr(cpu_dense, "dot_general", jax.lax.dot_general)
     ref, ref_losses = _train(params, xs, ys, emb)
-    assert losses[-1] < losses[0]  # the steps move the params
+    assert losses[-1] < losses[0]  # the steps train
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     moved = jax.tree.map(lambda a, p: np.abs(np.asarray(a) - np.asarray(p)).max(), ours, params)
     assert min(jax.tree.leaves(moved)) > 1e-3

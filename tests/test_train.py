@@ -311,9 +311,11 @@ def test_variance_schedule_gradient_run_is_the_same_on_1_and_2_devices(tmp_path)
         state = _state(tmp_path / str(devices))
         params.append({k: v for k, v in state.items() if k.startswith((".params", ".ema_params"))})
     assert any("schedule" in k and "l2" in k for k in params[0])  # the schedule's interior is compared too
-    # atol 1e-4: the continuous loss weights -dlambda/dt (up to ~20) and the factor 2 L scale up
-    # float32 reduction-order differences, which Adam's first steps pass on at the size of lr.
-    _assert_close(params[0], params[1], atol=1e-4)
+    # atol 5e-4 (lr is 1e-2): the continuous loss weights -dlambda/dt (up to ~20) and the factor 2 L
+    # scale up float32 reduction-order differences, which Adam's first steps pass on at the size of
+    # lr where a gradient is near zero (on a 2 GHz AVX2 CPU one of the schedule's 1024 l2 biases
+    # differed by 1.5e-4, the same before and after the CPU Dense layer).
+    _assert_close(params[0], params[1], atol=5e-4)
 
 
 def test_every_config_file_validates():
