@@ -3,8 +3,9 @@
 For a token-wise dense layer y = x W (x [..., C], W [C, O]), the kernel gradient
 dW = x^T dy contracts over every leading axis (batch and positions). Inside the UNet's
 train step XLA:CPU emits that product as a dot contracting the leading axis of both
-operands, which YNNPACK does not take; it then runs in XLA's own dot at 3-6 GFLOP/s
-against ~25 for YNNPACK (docs/performance.md, "Against the PyTorch peer", item 14).
+operands, which YNNPACK does not take; it then runs in XLA's own dot at ~3 GFLOP/s against
+17-29 for YNNPACK on a 2 GHz AVX2 core (docs/performance.md, "Against the PyTorch peer",
+item 14).
 Here x^T is materialised as a [C, rows] array behind ``lax.optimization_barrier`` (so
 that XLA cannot fold the transpose back into the dot's dimension numbers), and dW is
 the plain [C, rows] @ [rows, O] product that XLA:CPU hands to YNNPACK. The values are
