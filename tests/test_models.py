@@ -205,13 +205,14 @@ def test_vdm_net_input_skip_and_log_snr_conditioning():
     assert np.array_equal(apply(zero_out, x, log_snr), x)
 
 
-@pytest.mark.parametrize("stride,size,channels", [(1, 7, (3, 5)), (2, 8, (4, 6)), (2, 7, (2, 3))])
-def test_conv_nhwc_gradients_equal_xla(stride, size, channels):
-    """The CPU convolution's hand-written gradients (flipped-kernel conv, batch/channel-swapped conv) = XLA's own."""
+@pytest.mark.parametrize("stride,size,channels,kernel", [(1, 7, (3, 5), (3, 3)), (2, 8, (4, 6), (3, 3)),
+                                                        (2, 7, (2, 3), (3, 3)), (2, 9, (3, 4), (5, 2))])
+def test_conv_nhwc_gradients_equal_xla(stride, size, channels, kernel):
+    """The CPU convolution's hand-written gradients (flipped-kernel conv, one matmul per kernel tap) = XLA's own."""
     ci, co = channels
     x = jax.random.normal(jax.random.PRNGKey(3), (2, size, size + 1, ci))
-    w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, ci, co))
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], (3, 3), (stride, stride), "SAME")
+    w = jax.random.normal(jax.random.PRNGKey(4), kernel + (ci, co))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], kernel, (stride, stride), "SAME")
     xla = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ours = lambda x, w: cpu_conv.conv_nhwc(x, w, (stride, stride), tuple(tuple(p) for p in pads))

@@ -1,9 +1,11 @@
 """A 2-D convolution with hand-written gradients for XLA:CPU (``conv_nhwc``).
 
 XLA:CPU runs its own convolution gradients far slower than forward convolutions inside
-loops (docs/performance.md); ``conv_nhwc`` has the same values with both gradients written
-as forward NHWC convolutions, which XLA:CPU hands to YNNPACK in and out of loops. ``vdm.models.layers.conv3x3`` uses it
-through ``conv_general_dilated`` on the CPU backend only; GPUs and TPUs keep XLA's.
+loops (docs/performance.md); ``conv_nhwc`` has the same values with the input gradient
+written as a forward NHWC convolution and the kernel gradient as one plain matmul per
+kernel tap, both of which XLA:CPU hands to YNNPACK in and out of loops.
+``vdm.models.layers.conv3x3`` uses it through ``conv_general_dilated`` on the CPU backend
+only; GPUs and TPUs keep XLA's.
 """
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ def conv_nhwc(x, w, strides, padding):
     Inside a ``lax.scan`` (the train loop's steps per call) XLA:CPU's own gradient
     convolutions fall off its fast path (the kernel gradient to ~0.5 GFLOP/s; see
     docs/performance.md). Here the input gradient is a forward convolution of the
-    (stride-dilated) output gradient with the flipped kernel, and the kernel gradient a
-    forward convolution of the input with batch and channels swapped (``_kernel_grad``);
-    XLA:CPU runs both through YNNPACK, as it does forward convolutions. The values are
+    (stride-dilated) output gradient with the flipped kernel, and the kernel gradient one
+    [C, N*Ho*Wo] @ [N*Ho*Wo, O] matmul per kernel tap (``_kernel_grad``); XLA:CPU runs both
+    through YNNPACK, as it does forward convolutions. The values are
     those of ``lax.conv_general_dilated``'s gradients up to float rounding.
     """
     return _conv(x, w, strides, padding)
@@ -36,15 +38,20 @@ def conv_nhwc(x, w, strides, padding):
 
 def _kernel_grad(x, dy, kernel_size, strides, padding):
     """dw[i, j, c, o] = sum_{n, h, w} xp[n, s h + i, s w + j, c] dy[n, h, w, o] (xp the padded input),
-    written as one forward NHWC convolution with batch and channels swapped: the input is x
-    as [C, H, W, N] (batch C, features N), the kernel dy as [Ho, Wo, N, O] dilated by the
-    strides, and the [C, KH', KW', O] output is cut to the kernel size (KH' > KH only where
-    the strides leave input rows unused)."""
-    xt = x.transpose(3, 1, 2, 0)
-    dw = jax.lax.conv_general_dilated(xt, dy.transpose(1, 2, 0, 3), (1, 1), padding, rhs_dilation=strides,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      preferred_element_type=jnp.float32)
-    return dw[:, :kernel_size[0], :kernel_size[1]].transpose(1, 2, 0, 3)
+    written as one matmul per kernel tap (i, j): dw[i, j] = X_ij dy', where X_ij[c, (n, h, w)] =
+    xp[n, s h + i, s w + j, c] is the tap's window of the input as a [C, N*Ho*Wo] array and dy' is
+    dy as [N*Ho*Wo, O]. Both operands are row-major with the contraction on X_ij's last and dy''s
+    first axis, the layout XLA:CPU hands to YNNPACK (the windows are the transposed im2col matrix,
+    one tap at a time, so that no [KH*KW*C, N*Ho*Wo] array is concatenated)."""
+    N, Ho, Wo, O = dy.shape
+    C = x.shape[-1]
+    xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
+    dy_rows = dy.reshape(N * Ho * Wo, O)
+    taps = [jnp.matmul(xp[:, :, i:i + (Ho - 1) * strides[0] + 1:strides[0],
+                          j:j + (Wo - 1) * strides[1] + 1:strides[1]].reshape(C, N * Ho * Wo),
+                       dy_rows, preferred_element_type=jnp.float32)
+            for i in range(kernel_size[0]) for j in range(kernel_size[1])]
+    return jnp.stack(taps).reshape(kernel_size[0], kernel_size[1], C, O)
 
 
 def _conv_nhwc_fwd(x, w, strides, padding):
