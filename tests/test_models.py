@@ -206,7 +206,8 @@ def test_vdm_net_input_skip_and_log_snr_conditioning():
 
 
 @pytest.mark.parametrize("stride,size,channels,kernel", [(1, 7, (3, 5), (3, 3)), (2, 8, (4, 6), (3, 3)),
-                                                        (2, 7, (2, 3), (3, 3)), (2, 9, (3, 4), (5, 2))])
+                                                        (2, 7, (2, 3), (3, 3)), (1, 6, (3, 4), (5, 2)),
+                                                        (2, 9, (3, 4), (5, 2))])
 def test_conv_nhwc_gradients_equal_xla(stride, size, channels, kernel):
     """The CPU convolution's hand-written gradients (flipped-kernel conv, one matmul per kernel tap) = XLA's own."""
     ci, co = channels

@@ -38,20 +38,40 @@ def conv_nhwc(x, w, strides, padding):
 
 def _kernel_grad(x, dy, kernel_size, strides, padding):
     """dw[i, j, c, o] = sum_{n, h, w} xp[n, s h + i, s w + j, c] dy[n, h, w, o] (xp the padded input),
-    written as one matmul per kernel tap (i, j): dw[i, j] = X_ij dy', where X_ij[c, (n, h, w)] =
-    xp[n, s h + i, s w + j, c] is the tap's window of the input as a [C, N*Ho*Wo] array and dy' is
-    dy as [N*Ho*Wo, O]. Both operands are row-major with the contraction on X_ij's last and dy''s
-    first axis, the layout XLA:CPU hands to YNNPACK (the windows are the transposed im2col matrix,
-    one tap at a time, so that no [KH*KW*C, N*Ho*Wo] array is concatenated)."""
-    N, Ho, Wo, O = dy.shape
-    C = x.shape[-1]
-    xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
-    dy_rows = dy.reshape(N * Ho * Wo, O)
-    taps = [jnp.matmul(xp[:, :, i:i + (Ho - 1) * strides[0] + 1:strides[0],
-                          j:j + (Wo - 1) * strides[1] + 1:strides[1]].reshape(C, N * Ho * Wo),
-                       dy_rows, preferred_element_type=jnp.float32)
-            for i in range(kernel_size[0]) for j in range(kernel_size[1])]
-    return jnp.stack(taps).reshape(kernel_size[0], kernel_size[1], C, O)
+    as one [C, rows] @ [rows, O] matmul per kernel tap (i, j). Both operands are row-major with
+    the contraction on the first one's last axis and the second one's first, the layout XLA:CPU
+    hands to YNNPACK; one of them is a window copied out for the tap:
+
+    - stride 1, windows of the output gradient: with h' = h + i - lo the input row,
+      dw[i, j] = x' D_ij, where x' is x as [C, N*H*W] and D_ij[(n, h', w'), o] =
+      dy[n, h' - i + lo, w' - j + lo, o] (zero outside dy). These windows exist only once dy
+      does; windows of the input would be scheduled by XLA:CPU at the start of the backward
+      pass, with the nine copies of every layer's input alive at once (2.2x the train step's
+      temporary memory).
+    - larger strides, windows of the input: dw[i, j] = X_ij dy', where X_ij[c, (n, h, w)] =
+      xp[n, s h + i, s w + j, c] and dy' is dy as [N*Ho*Wo, O] (windows of dy would need it
+      dilated by the stride, s^2 times the products).
+    """
+    N, H, W, C = x.shape
+    _, Ho, Wo, O = dy.shape
+    KH, KW = kernel_size
+    if tuple(strides) == (1, 1):
+        # dyp[n, b] = dy[n, b - (KH - 1 - lo)], H + KH - 1 rows (lax.pad crops where a pad is negative).
+        pads = [(k - 1 - lo, size - out + lo, 0) for k, size, out, (lo, _) in
+                zip(kernel_size, (H, W), (Ho, Wo), padding)]
+        dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+        x_rows = x.transpose(3, 0, 1, 2).reshape(C, N * H * W)
+        taps = [jnp.matmul(x_rows, dyp[:, KH - 1 - i:KH - 1 - i + H, KW - 1 - j:KW - 1 - j + W].reshape(N * H * W, O),
+                           preferred_element_type=jnp.float32)
+                for i in range(KH) for j in range(KW)]
+    else:
+        xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
+        dy_rows = dy.reshape(N * Ho * Wo, O)
+        taps = [jnp.matmul(xp[:, :, i:i + (Ho - 1) * strides[0] + 1:strides[0],
+                              j:j + (Wo - 1) * strides[1] + 1:strides[1]].reshape(C, N * Ho * Wo),
+                           dy_rows, preferred_element_type=jnp.float32)
+                for i in range(KH) for j in range(KW)]
+    return jnp.stack(taps).reshape(KH, KW, C, O)
 
 
 def _conv_nhwc_fwd(x, w, strides, padding):
