@@ -29,9 +29,9 @@ def conv_nhwc(x, w, strides, padding):
     convolutions fall off its fast path (the kernel gradient to ~0.5 GFLOP/s; see
     docs/performance.md). Here the input gradient is a forward convolution of the
     (stride-dilated) output gradient with the flipped kernel, and the kernel gradient one
-    [C, N*Ho*Wo] @ [N*Ho*Wo, O] matmul per kernel tap (``_kernel_grad``); XLA:CPU runs both
-    through YNNPACK, as it does forward convolutions. The values are
-    those of ``lax.conv_general_dilated``'s gradients up to float rounding.
+    [C, rows] @ [rows, O] matmul per kernel tap (``_kernel_grad``); XLA:CPU runs both through
+    YNNPACK, as it does forward convolutions. The values are those of
+    ``lax.conv_general_dilated``'s gradients up to float rounding.
     """
     return _conv(x, w, strides, padding)
 
@@ -61,16 +61,16 @@ def _kernel_grad(x, dy, kernel_size, strides, padding):
                 zip(kernel_size, (H, W), (Ho, Wo), padding)]
         dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
         x_rows = x.transpose(3, 0, 1, 2).reshape(C, N * H * W)
-        taps = [jnp.matmul(x_rows, dyp[:, KH - 1 - i:KH - 1 - i + H, KW - 1 - j:KW - 1 - j + W].reshape(N * H * W, O),
-                           preferred_element_type=jnp.float32)
-                for i in range(KH) for j in range(KW)]
+        windows = [dyp[:, KH - 1 - i:KH - 1 - i + H, KW - 1 - j:KW - 1 - j + W] for i in range(KH) for j in range(KW)]
+        taps = [jnp.matmul(x_rows, window.reshape(N * H * W, O), preferred_element_type=jnp.float32)
+                for window in windows]
     else:
         xp = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
         dy_rows = dy.reshape(N * Ho * Wo, O)
-        taps = [jnp.matmul(xp[:, :, i:i + (Ho - 1) * strides[0] + 1:strides[0],
-                              j:j + (Wo - 1) * strides[1] + 1:strides[1]].reshape(C, N * Ho * Wo),
-                           dy_rows, preferred_element_type=jnp.float32)
-                for i in range(KH) for j in range(KW)]
+        windows = [xp[:, :, i:i + (Ho - 1) * strides[0] + 1:strides[0], j:j + (Wo - 1) * strides[1] + 1:strides[1]]
+                   for i in range(KH) for j in range(KW)]
+        taps = [jnp.matmul(window.reshape(C, N * Ho * Wo), dy_rows, preferred_element_type=jnp.float32)
+                for window in windows]
     return jnp.stack(taps).reshape(KH, KW, C, O)
 
 
