@@ -36,6 +36,17 @@ def conv_nhwc(x, w, strides, padding):
     return _conv(x, w, strides, padding)
 
 
+def _output_gradient_pads(in_sizes, out_sizes, kernel_size, strides, padding):
+    """(lo, hi) per spatial axis that pad dy, dilated by the strides, to in + K - 1 rows with
+    dy[h] at row s h + K - 1 - pad_lo: then the K-row window starting at row h' (an input row)
+    holds the output rows whose kernel window covers h' (negative where a pad crops)."""
+    pads = []
+    for size, out, k, s, (pad_lo, _) in zip(in_sizes, out_sizes, kernel_size, strides, padding):
+        lo = k - 1 - pad_lo
+        pads.append((lo, size + k - 2 - lo - (out - 1) * s))
+    return pads
+
+
 def _kernel_grad(x, dy, kernel_size, strides, padding):
     """dw[i, j, c, o] = sum_{n, h, w} xp[n, s h + i, s w + j, c] dy[n, h, w, o] (xp the padded input),
     as one [C, rows] @ [rows, O] matmul per kernel tap (i, j). Both operands are row-major with
@@ -56,10 +67,8 @@ def _kernel_grad(x, dy, kernel_size, strides, padding):
     _, Ho, Wo, O = dy.shape
     KH, KW = kernel_size
     if tuple(strides) == (1, 1):
-        # dyp[n, b] = dy[n, b - (KH - 1 - lo)], H + KH - 1 rows (lax.pad crops where a pad is negative).
-        pads = [(k - 1 - lo, size - out + lo, 0) for k, size, out, (lo, _) in
-                zip(kernel_size, (H, W), (Ho, Wo), padding)]
-        dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
+        pads = _output_gradient_pads((H, W), (Ho, Wo), kernel_size, strides, padding)
+        dyp = jax.lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)])
         x_rows = x.transpose(3, 0, 1, 2).reshape(C, N * H * W)
         windows = [dyp[:, KH - 1 - i:KH - 1 - i + H, KW - 1 - j:KW - 1 - j + W] for i in range(KH) for j in range(KW)]
         taps = [jnp.matmul(x_rows, window.reshape(N * H * W, O), preferred_element_type=jnp.float32)
@@ -81,10 +90,7 @@ def _conv_nhwc_fwd(x, w, strides, padding):
 def _conv_nhwc_bwd(strides, padding, res, dy):
     x, w = res
     KH, KW = w.shape[:2]
-    pads_t = []
-    for d, k in enumerate((KH, KW)):
-        lo = k - 1 - padding[d][0]
-        pads_t.append((lo, x.shape[1 + d] + k - 2 - lo - (dy.shape[1 + d] - 1) * strides[d]))
+    pads_t = _output_gradient_pads(x.shape[1:3], dy.shape[1:3], (KH, KW), strides, padding)
     dx = _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
     dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
