@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm.models import cpu_conv
+from vdm.models import cpu_conv, winograd
 
 STRIDES = (1, 2, 1)
 
 
-def _net(conv, params, x):
-    for w, s in zip(params, STRIDES):
+def _net(conv, strides, params, x):
+    for w, s in zip(params, strides):
         pads = jax.lax.padtype_to_pads(x.shape[1:3], w.shape[:2], (s, s), "SAME")
         x = conv(x, w, (s, s), tuple(tuple(p) for p in pads))
         g = x.reshape(*x.shape[:3], 4, -1)
@@ -28,13 +28,13 @@ def _xla_conv(x, w, strides, padding):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _train(conv, params, xs, ys):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train(conv, strides, params, xs, ys):
     opt = optax.adamw(1e-2)
 
     def step(carry, batch):
         params, state = carry
-        loss, grads = jax.value_and_grad(lambda p: jnp.mean((_net(conv, p, batch[0]) - batch[1]) ** 2))(params)
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((_net(conv, strides, p, batch[0]) - batch[1]) ** 2))(params)
         updates, state = opt.update(grads, state, params)
         return (optax.apply_updates(params, updates), state), loss
 
@@ -49,10 +49,30 @@ def test_params_after_steps_equal_with_conv_nhwc_and_xla_gradients():
               for k, ci, co in zip(keys, chans[:-1], chans[1:])]
     xs = jax.random.normal(keys[3], (4, 2, 9, 10, 3))  # 4 steps of batch 2, odd sizes
     ys = jax.random.normal(keys[4], (4, 2, 5, 5, 8))
-    ours, losses = _train(cpu_conv.conv_nhwc, params, xs, ys)
-    ref, ref_losses = _train(_xla_conv, params, xs, ys)
+    _assert_same_training(STRIDES, params, xs, ys)
+
+
+def test_params_after_steps_equal_with_winograd_and_xla(monkeypatch):
+    """The same with the Winograd F(2x2, 3x3) forward pass and input gradient, forced on whatever
+    this CPU is, for a 64 -> 64 channel convolution at stride 1 on even sizes."""
+    calls, conv3x3 = [], winograd.conv3x3
+    monkeypatch.setattr(cpu_conv, "winograd_pays", lambda: True)
+    monkeypatch.setattr(winograd, "conv3x3", lambda x, w: calls.append(x.shape) or conv3x3(x, w))
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
+    params = [jax.random.normal(keys[0], (3, 3, 3, 64)) / np.sqrt(27),
+              jax.random.normal(keys[1], (3, 3, 64, 64)) / np.sqrt(9 * 64)]
+    xs = jax.random.normal(keys[2], (3, 2, 6, 8, 3))  # 3 steps of batch 2
+    ys = jax.random.normal(keys[3], (3, 2, 6, 8, 64))
+    # atol: Adam turns the rounding noise of a near-zero gradient into up to ~1e-3 of its step (lr 1e-2)
+    _assert_same_training((1, 1), params, xs, ys, atol=5e-5)
+    assert len(calls) == 2  # the second conv's forward pass and input gradient, traced once
+
+
+def _assert_same_training(strides, params, xs, ys, atol=1e-5):
+    ours, losses = _train(cpu_conv.conv_nhwc, strides, params, xs, ys)
+    ref, ref_losses = _train(_xla_conv, strides, params, xs, ys)
     assert losses[-1] < losses[0]  # the steps move the params
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b, p in zip(ours, ref, params):
         assert np.abs(np.asarray(a) - np.asarray(p)).max() > 1e-3
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)

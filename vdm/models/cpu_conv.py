@@ -3,7 +3,9 @@
 XLA:CPU runs its own convolution gradients far slower than forward convolutions inside
 loops (docs/performance.md); ``conv_nhwc`` has the same values with the input gradient
 written as a forward NHWC convolution and the kernel gradient as one plain matmul per
-kernel tap, both of which XLA:CPU hands to YNNPACK in and out of loops.
+kernel tap, both of which XLA:CPU hands to YNNPACK in and out of loops. On CPUs where it is
+faster (``winograd_pays``), 3x3 stride-1 convolutions of 64 or more channels run the forward
+pass and the input gradient as Winograd F(2x2, 3x3) (``vdm.models.winograd``).
 ``vdm.models.layers.conv3x3`` uses it through ``conv_general_dilated`` on the CPU backend
 only; GPUs and TPUs keep XLA's.
 """
@@ -13,6 +15,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from vdm.models import winograd
 
 
 def _conv(x, w, strides, padding, lhs_dilation=(1, 1)):
@@ -30,10 +34,47 @@ def conv_nhwc(x, w, strides, padding):
     docs/performance.md). Here the input gradient is a forward convolution of the
     (stride-dilated) output gradient with the flipped kernel, and the kernel gradient one
     [C, rows] @ [rows, O] matmul per kernel tap (``_kernel_grad``); XLA:CPU runs both through
-    YNNPACK, as it does forward convolutions. The values are those of
-    ``lax.conv_general_dilated``'s gradients up to float rounding.
+    YNNPACK, as it does forward convolutions. The forward pass and the input gradient (a
+    stride-1 convolution) use Winograd F(2x2, 3x3) where ``_use_winograd`` says so. The values
+    are those of ``lax.conv_general_dilated`` and its gradients up to float rounding.
     """
+    return _forward(x, w, strides, padding)
+
+
+def _forward(x, w, strides, padding):
+    """The convolution: Winograd F(2x2, 3x3) where it is faster on this CPU (``_use_winograd``),
+    else XLA's (YNNPACK's) direct convolution."""
+    if _use_winograd(x, w, strides, padding):
+        return winograd.conv3x3(x, w)
     return _conv(x, w, strides, padding)
+
+
+@functools.cache
+def winograd_pays() -> bool:
+    """Whether this host's CPU runs Winograd F(2x2, 3x3) faster than the direct convolution.
+
+    Measured (docs/performance.md, issue 16 item 16): on an AVX2 x86 CPU without AVX-512 (AMD EPYC,
+    2 GHz) YNNPACK's direct convolution runs at 30-39 GFLOP/s per core and Winograd's 2.25x fewer
+    multiplications win (1.36-1.86x per forward 3x3 convolution of 64-128 channels); on an AVX-512 CPU
+    (sessions 5-8, 200+ GFLOP/s per core) the transforms cost more than they save. Other CPUs
+    (ARM, no /proc/cpuinfo) keep the direct convolution.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "avx512f" not in flags
+
+
+def _use_winograd(x, w, strides, padding):
+    """float32, 3x3, stride 1, 'SAME', even sizes and at least 64 channels in and out: at 32 the
+    small matmuls gain less than the transforms cost (the small UNet trained 7% slower with them);
+    in bfloat16 the transforms' additions would round more than the direct convolution does."""
+    _, H, W, C = x.shape
+    return (winograd_pays() and x.dtype == w.dtype == jnp.float32 and w.shape[:2] == (3, 3)
+            and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+            and H % 2 == 0 and W % 2 == 0 and min(C, w.shape[3]) >= 64)
 
 
 def _output_gradient_pads(in_sizes, out_sizes, kernel_size, strides, padding):
@@ -84,14 +125,18 @@ def _kernel_grad(x, dy, kernel_size, strides, padding):
 
 
 def _conv_nhwc_fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+    return _forward(x, w, strides, padding), (x, w)
 
 
 def _conv_nhwc_bwd(strides, padding, res, dy):
     x, w = res
     KH, KW = w.shape[:2]
     pads_t = _output_gradient_pads(x.shape[1:3], dy.shape[1:3], (KH, KW), strides, padding)
-    dx = _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
+    w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
+    if tuple(strides) == (1, 1):
+        dx = _forward(dy, w_t, strides, pads_t)
+    else:
+        dx = _conv(dy, w_t, (1, 1), pads_t, lhs_dilation=strides)
     dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
