@@ -3,6 +3,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,3 +44,19 @@ def make_image_folder(root) -> tuple:
     with open(os.path.join(root, "README.txt"), "w") as f:
         f.write("not an image suffix: ignored")
     return str(root), broken
+
+
+@pytest.fixture
+def winograd_calls(monkeypatch):
+    """Force ``vdm.models.cpu_conv``'s Winograd path whatever this CPU is, and record the input
+    shape of each traced ``winograd.conv3x3`` call."""
+    from vdm.models import cpu_conv, winograd
+    calls, conv3x3 = [], winograd.conv3x3
+
+    def spy(x, w):
+        calls.append(x.shape)
+        return conv3x3(x, w)
+
+    monkeypatch.setattr(cpu_conv, "winograd_pays", lambda: True)
+    monkeypatch.setattr(winograd, "conv3x3", spy)
+    return calls

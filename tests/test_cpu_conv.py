@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vdm.models import cpu_conv, winograd
+from vdm.models import cpu_conv
 
 STRIDES = (1, 2, 1)
 
@@ -52,12 +52,9 @@ def test_params_after_steps_equal_with_conv_nhwc_and_xla_gradients():
     _assert_same_training(STRIDES, params, xs, ys)
 
 
-def test_params_after_steps_equal_with_winograd_and_xla(monkeypatch):
+def test_params_after_steps_equal_with_winograd_and_xla(winograd_calls):
     """The same with the Winograd F(2x2, 3x3) forward pass and input gradient, forced on whatever
     this CPU is, for a 64 -> 64 channel convolution at stride 1 on even sizes."""
-    calls, conv3x3 = [], winograd.conv3x3
-    monkeypatch.setattr(cpu_conv, "winograd_pays", lambda: True)
-    monkeypatch.setattr(winograd, "conv3x3", lambda x, w: calls.append(x.shape) or conv3x3(x, w))
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     params = [jax.random.normal(keys[0], (3, 3, 3, 64)) / np.sqrt(27),
               jax.random.normal(keys[1], (3, 3, 64, 64)) / np.sqrt(9 * 64)]
@@ -65,7 +62,7 @@ def test_params_after_steps_equal_with_winograd_and_xla(monkeypatch):
     ys = jax.random.normal(keys[3], (3, 2, 6, 8, 64))
     # atol: Adam turns the rounding noise of a near-zero gradient into up to ~1e-3 of its step (lr 1e-2)
     _assert_same_training((1, 1), params, xs, ys, atol=5e-5)
-    assert len(calls) == 2  # the second conv's forward pass and input gradient, traced once
+    assert len(winograd_calls) == 2  # the second conv's forward pass and input gradient, traced once
 
 
 def _assert_same_training(strides, params, xs, ys, atol=1e-5):

@@ -53,20 +53,6 @@ def test_winograd_rejects_odd_sizes():
         winograd.conv3x3(jnp.zeros((1, 5, 4, 2)), jnp.zeros((3, 3, 2, 2)))
 
 
-@pytest.fixture
-def winograd_calls(monkeypatch):
-    """Force the Winograd path of ``cpu_conv`` whatever this CPU is, and count its traces."""
-    calls, conv3x3 = [], winograd.conv3x3
-
-    def spy(x, w):
-        calls.append(x.shape)
-        return conv3x3(x, w)
-
-    monkeypatch.setattr(cpu_conv, "winograd_pays", lambda: True)
-    monkeypatch.setattr(winograd, "conv3x3", spy)
-    return calls
-
-
 def test_conv_nhwc_with_winograd_has_xlas_values_and_gradients(winograd_calls):
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 6, 64))
     w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 64, 64)) / 24

@@ -41,12 +41,12 @@ def conv_nhwc(x, w, strides, padding):
     return _forward(x, w, strides, padding)
 
 
-def _forward(x, w, strides, padding):
+def _forward(x, w, strides, padding, lhs_dilation=(1, 1)):
     """The convolution: Winograd F(2x2, 3x3) where it is faster on this CPU (``_use_winograd``),
     else XLA's (YNNPACK's) direct convolution."""
-    if _use_winograd(x, w, strides, padding):
+    if _use_winograd(x, w, strides, padding, lhs_dilation):
         return winograd.conv3x3(x, w)
-    return _conv(x, w, strides, padding)
+    return _conv(x, w, strides, padding, lhs_dilation)
 
 
 @functools.cache
@@ -67,14 +67,16 @@ def winograd_pays() -> bool:
     return "avx2" in flags and "avx512f" not in flags
 
 
-def _use_winograd(x, w, strides, padding):
-    """float32, 3x3, stride 1, 'SAME', even sizes and at least 64 channels in and out: at 32 the
-    small matmuls gain less than the transforms cost (the small UNet trained 7% slower with them);
-    in bfloat16 the transforms' additions would round more than the direct convolution does."""
+def _use_winograd(x, w, strides, padding, lhs_dilation):
+    """float32, 3x3, stride 1 without input dilation, 'SAME', even sizes and at least 64 channels
+    in and out: at 32 the small matmuls gain less than the transforms cost (the small UNet trained
+    7% slower with them); in bfloat16 the transforms' additions would round more than the direct
+    convolution does."""
     _, H, W, C = x.shape
     return (winograd_pays() and x.dtype == w.dtype == jnp.float32 and w.shape[:2] == (3, 3)
-            and tuple(strides) == (1, 1) and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
-            and H % 2 == 0 and W % 2 == 0 and min(C, w.shape[3]) >= 64)
+            and tuple(strides) == tuple(lhs_dilation) == (1, 1)
+            and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and H % 2 == 0 and W % 2 == 0
+            and min(C, w.shape[3]) >= 64)
 
 
 def _output_gradient_pads(in_sizes, out_sizes, kernel_size, strides, padding):
@@ -132,11 +134,7 @@ def _conv_nhwc_bwd(strides, padding, res, dy):
     x, w = res
     KH, KW = w.shape[:2]
     pads_t = _output_gradient_pads(x.shape[1:3], dy.shape[1:3], (KH, KW), strides, padding)
-    w_t = jnp.flip(w, (0, 1)).swapaxes(2, 3)
-    if tuple(strides) == (1, 1):
-        dx = _forward(dy, w_t, strides, pads_t)
-    else:
-        dx = _conv(dy, w_t, (1, 1), pads_t, lhs_dilation=strides)
+    dx = _forward(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
     dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
