@@ -48,15 +48,20 @@ def make_image_folder(root) -> tuple:
 
 @pytest.fixture
 def winograd_calls(monkeypatch):
-    """Force ``vdm.models.cpu_conv``'s Winograd path whatever this CPU is, and record the input
-    shape of each traced ``winograd.conv3x3`` call."""
+    """Force ``vdm.models.cpu_conv``'s Winograd path whatever this CPU is, and record each traced
+    ``winograd`` call as (function name, input shape)."""
     from vdm.models import cpu_conv, winograd
-    calls, conv3x3 = [], winograd.conv3x3
+    calls = []
 
-    def spy(x, w):
-        calls.append(x.shape)
-        return conv3x3(x, w)
+    def spy(name):
+        original = getattr(winograd, name)
+
+        def recorded(x, other):
+            calls.append((name, x.shape))
+            return original(x, other)
+        monkeypatch.setattr(winograd, name, recorded)
 
     monkeypatch.setattr(cpu_conv, "winograd_pays", lambda: True)
-    monkeypatch.setattr(winograd, "conv3x3", spy)
+    spy("conv3x3")
+    spy("kernel_grad3x3")
     return calls

@@ -1,4 +1,4 @@
-"""The CPU convolution's gradients leave training unchanged: params after a few AdamW steps of a
+"""The CPU convolution's gradients leave training unchanged: params after a few AdamW (or SGD) steps of a
 small conv net (3x3 convs at stride 1 and 2, GroupNorm + SiLU, as in the UNet) are the same with
 ``vdm.models.cpu_conv.conv_nhwc`` as with XLA's own convolution gradients, inside a ``lax.scan``
 (the train loop's steps per call) as the training code runs them."""
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from vdm.models import cpu_conv
 
@@ -28,9 +29,12 @@ def _xla_conv(x, w, strides, padding):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train(conv, strides, params, xs, ys):
-    opt = optax.adamw(1e-2)
+OPTIMIZERS = {"adamw": optax.adamw(1e-2), "sgd": optax.sgd(0.5)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _train(conv, strides, optimizer, params, xs, ys):
+    opt = OPTIMIZERS[optimizer]
 
     def step(carry, batch):
         params, state = carry
@@ -52,24 +56,27 @@ def test_params_after_steps_equal_with_conv_nhwc_and_xla_gradients():
     _assert_same_training(STRIDES, params, xs, ys)
 
 
-def test_params_after_steps_equal_with_winograd_and_xla(winograd_calls):
-    """The same with the Winograd F(2x2, 3x3) forward pass and input gradient, forced on whatever
-    this CPU is, for a 64 -> 64 channel convolution at stride 1 on even sizes."""
+@pytest.mark.parametrize("width", [6, 8])  # F(2x2) and F(4x4)
+def test_params_after_steps_equal_with_winograd_and_xla(winograd_calls, width):
+    """The same with Winograd's forward pass, input gradient and kernel gradient, forced on
+    whatever this CPU is, for a 64 -> 64 channel convolution at stride 1 on even sizes."""
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     params = [jax.random.normal(keys[0], (3, 3, 3, 64)) / np.sqrt(27),
               jax.random.normal(keys[1], (3, 3, 64, 64)) / np.sqrt(9 * 64)]
-    xs = jax.random.normal(keys[2], (3, 2, 6, 8, 3))  # 3 steps of batch 2
-    ys = jax.random.normal(keys[3], (3, 2, 6, 8, 64))
-    # atol: Adam turns the rounding noise of a near-zero gradient into up to ~1e-3 of its step (lr 1e-2)
-    _assert_same_training((1, 1), params, xs, ys, atol=5e-5)
-    assert len(winograd_calls) == 2  # the second conv's forward pass and input gradient, traced once
+    xs = jax.random.normal(keys[2], (3, 2, 8, width, 3))  # 3 steps of batch 2
+    ys = jax.random.normal(keys[3], (3, 2, 8, width, 64))
+    # SGD: Adam would scale the rounding noise of a near-zero gradient up to a few % of its step
+    _assert_same_training((1, 1), params, xs, ys, optimizer="sgd")
+    # the second conv's forward pass, input gradient and kernel gradient, traced once (the first
+    # has 3 input channels)
+    assert sorted(name for name, _ in winograd_calls) == ["conv3x3", "conv3x3", "kernel_grad3x3"]
 
 
-def _assert_same_training(strides, params, xs, ys, atol=1e-5):
-    ours, losses = _train(cpu_conv.conv_nhwc, strides, params, xs, ys)
-    ref, ref_losses = _train(_xla_conv, strides, params, xs, ys)
+def _assert_same_training(strides, params, xs, ys, optimizer="adamw"):
+    ours, losses = _train(cpu_conv.conv_nhwc, strides, optimizer, params, xs, ys)
+    ref, ref_losses = _train(_xla_conv, strides, optimizer, params, xs, ys)
     assert losses[-1] < losses[0]  # the steps move the params
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b, p in zip(ours, ref, params):
         assert np.abs(np.asarray(a) - np.asarray(p)).max() > 1e-3
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

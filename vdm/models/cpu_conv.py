@@ -4,8 +4,9 @@ XLA:CPU runs its own convolution gradients far slower than forward convolutions 
 loops (docs/performance.md); ``conv_nhwc`` has the same values with the input gradient
 written as a forward NHWC convolution and the kernel gradient as one plain matmul per
 kernel tap, both of which XLA:CPU hands to YNNPACK in and out of loops. On CPUs where it is
-faster (``winograd_pays``), 3x3 stride-1 convolutions of 64 or more channels run the forward
-pass and the input gradient as Winograd F(2x2, 3x3) (``vdm.models.winograd``).
+faster (``winograd_pays``), 3x3 stride-1 convolutions of 32 or more channels run the forward
+pass, the input gradient and the kernel gradient as Winograd F(4x4, 3x3), or as F(2x2, 3x3) from
+64 channels where the sizes are even but not multiples of 4 (``vdm.models.winograd``).
 ``vdm.models.layers.conv3x3`` uses it through ``conv_general_dilated`` on the CPU backend
 only; GPUs and TPUs keep XLA's.
 """
@@ -34,16 +35,17 @@ def conv_nhwc(x, w, strides, padding):
     docs/performance.md). Here the input gradient is a forward convolution of the
     (stride-dilated) output gradient with the flipped kernel, and the kernel gradient one
     [C, rows] @ [rows, O] matmul per kernel tap (``_kernel_grad``); XLA:CPU runs both through
-    YNNPACK, as it does forward convolutions. The forward pass and the input gradient (a
-    stride-1 convolution) use Winograd F(2x2, 3x3) where ``_use_winograd`` says so. The values
-    are those of ``lax.conv_general_dilated`` and its gradients up to float rounding.
+    YNNPACK, as it does forward convolutions. Where ``_use_winograd`` says so, the forward
+    pass, the input gradient (then a stride-1 convolution) and the kernel gradient are
+    Winograd's. The values are those of ``lax.conv_general_dilated`` and its gradients up to
+    float rounding.
     """
     return _forward(x, w, strides, padding)
 
 
 def _forward(x, w, strides, padding, lhs_dilation=(1, 1)):
-    """The convolution: Winograd F(2x2, 3x3) where it is faster on this CPU (``_use_winograd``),
-    else XLA's (YNNPACK's) direct convolution."""
+    """The convolution: Winograd's where it is faster on this CPU (``_use_winograd``), else
+    XLA's (YNNPACK's) direct convolution."""
     if _use_winograd(x, w, strides, padding, lhs_dilation):
         return winograd.conv3x3(x, w)
     return _conv(x, w, strides, padding, lhs_dilation)
@@ -51,11 +53,12 @@ def _forward(x, w, strides, padding, lhs_dilation=(1, 1)):
 
 @functools.cache
 def winograd_pays() -> bool:
-    """Whether this host's CPU runs Winograd F(2x2, 3x3) faster than the direct convolution.
+    """Whether this host's CPU runs Winograd convolutions faster than the direct ones.
 
-    Measured (docs/performance.md, issue 16 item 16): on an AVX2 x86 CPU without AVX-512 (AMD EPYC,
-    2 GHz) YNNPACK's direct convolution runs at 30-39 GFLOP/s per core and Winograd's 2.25x fewer
-    multiplications win (1.36-1.86x per forward 3x3 convolution of 64-128 channels); on an AVX-512 CPU
+    Measured (docs/performance.md, issue 16 items 16 and 17): on an AVX2 x86 CPU without AVX-512
+    (AMD EPYC, 2 GHz) YNNPACK's direct convolution runs at 30-39 GFLOP/s per core and Winograd's
+    fewer multiplications win (F(4x4, 3x3): 1.35-2.5x per forward 3x3 convolution of 32-128
+    channels at 16x16 and 32x32); on an AVX-512 CPU
     (sessions 5-8, 200+ GFLOP/s per core) the transforms cost more than they save. Other CPUs
     (ARM, no /proc/cpuinfo) keep the direct convolution.
     """
@@ -67,16 +70,20 @@ def winograd_pays() -> bool:
     return "avx2" in flags and "avx512f" not in flags
 
 
+# Fewest channels in and out at which F(m x m, 3x3) beats the direct convolution in the UNets'
+# train steps; below, its matmuls are too small to repay the transforms (performance.md items 16, 17).
+_MIN_CHANNELS = {4: 32, 2: 64}
+
+
 def _use_winograd(x, w, strides, padding, lhs_dilation):
-    """float32, 3x3, stride 1 without input dilation, 'SAME', even sizes and at least 64 channels
-    in and out: at 32 the small matmuls gain less than the transforms cost (the small UNet trained
-    7% slower with them); in bfloat16 the transforms' additions would round more than the direct
+    """float32, 3x3, stride 1 without input dilation, 'SAME', even sizes and enough channels
+    (``_MIN_CHANNELS``); in bfloat16 the transforms' additions would round more than the direct
     convolution does."""
     _, H, W, C = x.shape
     return (winograd_pays() and x.dtype == w.dtype == jnp.float32 and w.shape[:2] == (3, 3)
             and tuple(strides) == tuple(lhs_dilation) == (1, 1)
             and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and H % 2 == 0 and W % 2 == 0
-            and min(C, w.shape[3]) >= 64)
+            and min(C, w.shape[3]) >= _MIN_CHANNELS[winograd.transforms_for(H, W).m])
 
 
 def _output_gradient_pads(in_sizes, out_sizes, kernel_size, strides, padding):
@@ -135,7 +142,10 @@ def _conv_nhwc_bwd(strides, padding, res, dy):
     KH, KW = w.shape[:2]
     pads_t = _output_gradient_pads(x.shape[1:3], dy.shape[1:3], (KH, KW), strides, padding)
     dx = _forward(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pads_t, lhs_dilation=strides)
-    dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
+    if _use_winograd(x, w, strides, padding, (1, 1)):
+        dw = winograd.kernel_grad3x3(x, dy)
+    else:
+        dw = _kernel_grad(x, dy, (KH, KW), strides, padding)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 

@@ -1,64 +1,145 @@
-"""Winograd F(2x2, 3x3) convolution (Lavin & Gray 2016, "Fast Algorithms for Convolutional
-Neural Networks").
+"""Winograd convolution F(m x m, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional
+Neural Networks"), its kernel gradient included.
 
-Each 2x2 block of outputs of a 3x3, stride-1 convolution is Y = A^T [(G g G^T) * (B^T d B)] A
-per input and output channel pair, summed over input channels, with d the 4x4 input tile that
-covers the block, g the 3x3 kernel and * the elementwise product:
+Each m x m block of outputs of a 3x3, stride-1 convolution is Y = A^T [(G g G^T) * (B^T d B)] A
+per input and output channel pair, summed over input channels, with d the n x n input tile
+(n = m + 2) that covers the block, g the 3x3 kernel and * the elementwise product. The sum over
+input channels of the n^2 elementwise products is n^2 matmuls [tiles, C] @ [C, O]: per output
+and channel pair n^2 / m^2 multiplications where the direct convolution needs 9.
 
-    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
-    G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
-    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+- F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2 and infinity: 2.25 multiplications (4x fewer).
+- F(2x2, 3x3), points 0, 1, -1 and infinity: 4 multiplications (2.25x fewer), for sizes that
+  are even but not multiples of 4.
 
-The sum over input channels of the 16 elementwise products is 16 matmuls
-[tiles, C] @ [C, O]: 16 multiplications per 2x2 block and channel pair where the direct
-convolution needs 36 (2.25x fewer). The transforms are additions only (and halvings of the
-kernel), so the result equals the direct convolution up to float rounding. In float32 it is
-closer to the exact (float64) result than XLA's direct convolution at 64-192 channels: relative
-rms error 2.6-4.3e-7 against 4.2-7.3e-7 (batch 8), since each matmul output sums C products
-where each direct output sums 9 C (tests/test_winograd.py checks it against float64).
+The transforms are exact in exact arithmetic; in float32 they round. Against a float64
+convolution of the same float32 inputs (batch 8, 64-256 channels, relative rms error) XLA's
+direct convolution is off by 4.2-7.4e-7, F(2x2) by 2.6-5.0e-7 (each output sums C products
+where the direct one sums 9 C) and F(4x4) by 1.8-3.3e-6 (B^T's entries up to 5 and A^T's up to
+8 scale the rounding); tests/test_winograd.py bounds each.
+
+The kernel gradient follows from Y being linear in U = G g G^T: dL/dU = sum over tiles of
+(B^T d B) * (A dY A^T), one [C, tiles] @ [tiles, O] matmul per entry, and dL/dg = G^T (dL/dU) G:
+n^2 / m^2 multiplications per output and channel pair where the per-tap matmuls need 9.
 """
 from __future__ import annotations
 
+import functools
+import operator
+from fractions import Fraction
+from typing import NamedTuple, Sequence
+
+import jax
 import jax.numpy as jnp
 
-
-def _input_transform(d0, d1, d2, d3):
-    """B^T d along one axis, from the tile's four rows."""
-    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+_h, _s, _t = Fraction(1, 2), Fraction(1, 6), Fraction(1, 24)
 
 
-def _kernel_transform(g0, g1, g2):
-    """G g along one axis, from the kernel's three rows."""
-    return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
+class Transforms(NamedTuple):
+    """The matrices of F(m x m, 3x3), as rows of exact coefficients."""
+    m: int        # output block size
+    BT: tuple     # [n, n], input tile -> Winograd domain
+    G: tuple      # [n, 3], kernel -> Winograd domain
+    AT: tuple     # [m, n], Winograd domain -> output block
 
 
-def _output_transform(m0, m1, m2, m3):
-    """A^T m along one axis: the block's two output rows."""
-    return m0 + m1 + m2, m1 - m2 - m3
+F2 = Transforms(
+    m=2,
+    BT=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    G=((1, 0, 0), (_h, _h, _h), (_h, -_h, _h), (0, 0, 1)),
+    AT=((1, 1, 1, 0), (0, 1, -1, -1)),
+)
+F4 = Transforms(
+    m=4,
+    BT=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+    G=((Fraction(1, 4), 0, 0), (-_s, -_s, -_s), (-_s, _s, -_s), (_t, 2 * _t, 4 * _t), (_t, -2 * _t, 4 * _t),
+       (0, 0, 1)),
+    AT=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+)
+
+
+def transforms_for(H: int, W: int) -> Transforms:
+    """F(4x4) where both sizes are multiples of 4, else F(2x2) where both are even."""
+    if H % 4 == 0 and W % 4 == 0:
+        return F4
+    if H % 2 == 0 and W % 2 == 0:
+        return F2
+    raise ValueError(f"Winograd F(m x m, 3x3) needs even spatial sizes; got {H}x{W}")
+
+
+def _transpose(matrix):
+    return tuple(zip(*matrix))
+
+
+def _apply(matrix, parts: Sequence[jax.Array]) -> tuple:
+    """matrix @ parts along a Python axis: row i gives sum_j matrix[i][j] parts[j], zeros skipped."""
+    def term(c, p):
+        return p if c == 1 else -p if c == -1 else float(c) * p
+    return tuple(functools.reduce(operator.add, (term(c, p) for c, p in zip(row, parts) if c)) for row in matrix)
+
+
+def _input_transform(x, t: Transforms):
+    """B^T d B for every tile d of x [B, H, W, *rest] padded by one row and column of zeros:
+    [n (col), n (row), B, H/m, W/m, *rest]. Tile k along an axis covers padded rows
+    m k .. m k + n - 1, read as group k of m rows and the first two rows of group k + 1 of the
+    input padded to H + m rows (no strided slices)."""
+    B, H, W, *rest = x.shape
+    m, n = t.m, len(t.BT)
+    Ht, Wt = H // m, W // m
+    pad = [(0, 0), (1, m - 1), (1, m - 1)] + [(0, 0)] * len(rest)
+    groups = jnp.pad(x, pad).reshape(B, Ht + 1, m, Wt + 1, m, *rest)
+    row_parts = [groups[:, :-1, i] for i in range(m)] + [groups[:, 1:, i] for i in range(n - m)]
+    rows = jnp.stack(_apply(t.BT, row_parts))                 # [n (row), B, Ht, Wt + 1, m, *rest]
+    col_parts = [rows[:, :, :, :-1, i] for i in range(m)] + [rows[:, :, :, 1:, i] for i in range(n - m)]
+    return jnp.stack(_apply(t.BT, col_parts))                 # [n (col), n (row), B, Ht, Wt, *rest]
+
+
+def _kernel_transform(w, t: Transforms):
+    """G g G^T for the HWIO kernel w: [n (col), n (row), C, O]."""
+    rows = jnp.stack(_apply(t.G, [w[0], w[1], w[2]]))         # [n (row), 3 (col), C, O]
+    return jnp.stack(_apply(t.G, [rows[:, 0], rows[:, 1], rows[:, 2]]))
+
+
+def _output_transform(products, t: Transforms):
+    """A^T M A for the products M [n (col), n (row), N, Ht, Wt, O]: the output [N, m Ht, m Wt, O]."""
+    n, _, N, Ht, Wt, O = products.shape
+    cols = jnp.stack(_apply(t.AT, [products[i] for i in range(n)]), axis=4)  # [n (row), N, Ht, Wt, m, O]
+    y = jnp.stack(_apply(t.AT, [cols[i] for i in range(n)]), axis=2)         # [N, Ht, m, Wt, m, O]
+    return y.reshape(N, t.m * Ht, t.m * Wt, O)
 
 
 def conv3x3(x, w):
     """3x3 convolution at stride 1 with one row and column of zero padding on each side
-    ('SAME'), NHWC input x with even H and W, HWIO kernel w.
+    ('SAME'), NHWC input x with even H and W, HWIO kernel w: F(4x4, 3x3) where H and W are
+    multiples of 4, else F(2x2, 3x3)."""
+    if w.shape[:2] != (3, 3):
+        raise ValueError(f"Winograd F(m x m, 3x3) needs a 3x3 kernel; got {w.shape[:2]}")
+    N, H, W, C = x.shape
+    t = transforms_for(H, W)
+    n = len(t.BT)
+    v = _input_transform(x, t).reshape(n * n, -1, C)
+    u = _kernel_transform(w, t).reshape(n * n, C, -1)
+    products = jnp.matmul(v, u, preferred_element_type=jnp.float32)
+    return _output_transform(products.reshape(n, n, N, H // t.m, W // t.m, -1), t).astype(x.dtype)
 
-    Each transform is written as two stacks of four (rows, then columns): in the UNet's train
-    step on XLA:CPU that ran 4% faster than sixteen arrays stacked at once. The tiles' rows are
-    read as pairs of rows of the padded input (tile t covers pairs t and t + 1), without strided
-    slices.
+
+def kernel_grad3x3(x, dy):
+    """The gradient of ``conv3x3(x, w)`` with respect to w, given the output gradient dy
+    [N, H, W, O]: G^T [sum over tiles (B^T d B) * (A dY A^T)] G, as HWIO [3, 3, C, O].
+
+    The input tiles are transformed from x as [C, N, H, W], so that the n^2 matmuls
+    [C, tiles] @ [tiles, O] have both operands row-major, the layout XLA:CPU hands to YNNPACK.
     """
     N, H, W, C = x.shape
-    O = w.shape[3]
-    if H % 2 or W % 2 or w.shape[:2] != (3, 3):
-        raise ValueError(f"winograd.conv3x3 needs a 3x3 kernel and even H, W; got x {x.shape}, w {w.shape}")
-    Ht, Wt = H // 2, W // 2
-    pairs = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(N, Ht + 1, 2, Wt + 1, 2, C)
-    rows = jnp.stack(_input_transform(pairs[:, :-1, 0], pairs[:, :-1, 1], pairs[:, 1:, 0], pairs[:, 1:, 1]))
-    v = jnp.stack(_input_transform(rows[..., :-1, 0, :], rows[..., :-1, 1, :], rows[..., 1:, 0, :],
-                                   rows[..., 1:, 1, :]))                     # [4 (col), 4 (row), N, Ht, Wt, C]
-    kernel_rows = jnp.stack(_kernel_transform(w[0], w[1], w[2]))            # [4 (row), 3, C, O]
-    u = jnp.stack(_kernel_transform(kernel_rows[:, 0], kernel_rows[:, 1], kernel_rows[:, 2]))  # [4 (col), 4 (row), C, O]
-    m = jnp.matmul(v.reshape(16, N * Ht * Wt, C), u.reshape(16, C, O), preferred_element_type=jnp.float32)
-    m = m.reshape(4, 4, N, Ht, Wt, O)
-    half = jnp.stack(_output_transform(m[0], m[1], m[2], m[3]), axis=4)    # [4 (row), N, Ht, Wt, 2 (col), O]
-    y = jnp.stack(_output_transform(half[0], half[1], half[2], half[3]), axis=2)  # [N, Ht, 2 (row), Wt, 2 (col), O]
-    return y.reshape(N, H, W, O).astype(x.dtype)
+    t = transforms_for(H, W)
+    O = dy.shape[3]
+    m, n = t.m, len(t.BT)
+    v = _input_transform(x.transpose(3, 0, 1, 2).reshape(C * N, H, W), t).reshape(n * n, C, -1)
+    blocks = dy.reshape(N, H // m, m, W // m, m, O)
+    A = _transpose(t.AT)
+    rows = jnp.stack(_apply(A, [blocks[:, :, i] for i in range(m)]))              # [n (row), N, Ht, Wt, m, O]
+    d = jnp.stack(_apply(A, [rows[:, :, :, :, i] for i in range(m)]))            # [n (col), n (row), N, Ht, Wt, O]
+    grad_u = jnp.matmul(v, d.reshape(n * n, -1, O), preferred_element_type=jnp.float32).reshape(n, n, C, O)
+    GT = _transpose(t.G)
+    cols = jnp.stack(_apply(GT, [grad_u[i] for i in range(n)]))                  # [3 (col), n (row), C, O]
+    return jnp.stack(_apply(GT, [cols[:, i] for i in range(n)])).astype(x.dtype)  # [3 (row), 3 (col), C, O]
