@@ -127,19 +127,23 @@ def kernel_grad3x3(x, dy):
     """The gradient of ``conv3x3(x, w)`` with respect to w, given the output gradient dy
     [N, H, W, O]: G^T [sum over tiles (B^T d B) * (A dY A^T)] G, as HWIO [3, 3, C, O].
 
-    The input tiles are transformed from x as [C, N, H, W], so that the n^2 matmuls
-    [C, tiles] @ [tiles, O] have both operands row-major, the layout XLA:CPU hands to YNNPACK.
+    The input tiles are transformed from x in its own NHWC layout, as in ``conv3x3``, and the
+    n^2 matmuls contract their tile axis: [tiles, C]^T @ [tiles, O]. Transforming x as
+    [C, N, H, W] instead (both matmul operands row-major) made XLA:CPU fuse the transpose with
+    the recomputed GroupNorm and SiLU that produce x, a scalar loop that cost more than the
+    transform (docs/performance.md item 18).
     """
     N, H, W, C = x.shape
     t = transforms_for(H, W)
     O = dy.shape[3]
     m, n = t.m, len(t.BT)
-    v = _input_transform(x.transpose(3, 0, 1, 2).reshape(C * N, H, W), t).reshape(n * n, C, -1)
+    v = _input_transform(x, t).reshape(n * n, -1, C)
     blocks = dy.reshape(N, H // m, m, W // m, m, O)
     A = _transpose(t.AT)
     rows = jnp.stack(_apply(A, [blocks[:, :, i] for i in range(m)]))              # [n (row), N, Ht, Wt, m, O]
     d = jnp.stack(_apply(A, [rows[:, :, :, :, i] for i in range(m)]))            # [n (col), n (row), N, Ht, Wt, O]
-    grad_u = jnp.matmul(v, d.reshape(n * n, -1, O), preferred_element_type=jnp.float32).reshape(n, n, C, O)
+    grad_u = jnp.einsum("ktc,kto->kco", v, d.reshape(n * n, -1, O),
+                        preferred_element_type=jnp.float32).reshape(n, n, C, O)
     GT = _transpose(t.G)
     cols = jnp.stack(_apply(GT, [grad_u[i] for i in range(n)]))                  # [3 (col), n (row), C, O]
     return jnp.stack(_apply(GT, [cols[:, i] for i in range(n)])).astype(x.dtype)  # [3 (row), 3 (col), C, O]
