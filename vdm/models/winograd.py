@@ -79,19 +79,18 @@ def _apply(matrix, parts: Sequence[jax.Array]) -> tuple:
 
 
 def _input_transform(x, t: Transforms):
-    """B^T d B for every tile d of x [B, H, W, *rest] padded by one row and column of zeros:
-    [n (col), n (row), B, H/m, W/m, *rest]. Tile k along an axis covers padded rows
-    m k .. m k + n - 1, read as group k of m rows and the first two rows of group k + 1 of the
-    input padded to H + m rows (no strided slices)."""
-    B, H, W, *rest = x.shape
+    """B^T d B for every tile d of the NHWC x padded by one row and column of zeros, as the
+    matmul operand [n^2 (col, row), tiles (N, H/m, W/m), C]. Tile k along an axis covers padded
+    rows m k .. m k + n - 1, read as group k of m rows and the first two rows of group k + 1 of
+    the input padded to H + m rows (no strided slices)."""
+    N, H, W, C = x.shape
     m, n = t.m, len(t.BT)
     Ht, Wt = H // m, W // m
-    pad = [(0, 0), (1, m - 1), (1, m - 1)] + [(0, 0)] * len(rest)
-    groups = jnp.pad(x, pad).reshape(B, Ht + 1, m, Wt + 1, m, *rest)
+    groups = jnp.pad(x, [(0, 0), (1, m - 1), (1, m - 1), (0, 0)]).reshape(N, Ht + 1, m, Wt + 1, m, C)
     row_parts = [groups[:, :-1, i] for i in range(m)] + [groups[:, 1:, i] for i in range(n - m)]
-    rows = jnp.stack(_apply(t.BT, row_parts))                 # [n (row), B, Ht, Wt + 1, m, *rest]
+    rows = jnp.stack(_apply(t.BT, row_parts))                 # [n (row), N, Ht, Wt + 1, m, C]
     col_parts = [rows[:, :, :, :-1, i] for i in range(m)] + [rows[:, :, :, 1:, i] for i in range(n - m)]
-    return jnp.stack(_apply(t.BT, col_parts))                 # [n (col), n (row), B, Ht, Wt, *rest]
+    return jnp.stack(_apply(t.BT, col_parts)).reshape(n * n, N * Ht * Wt, C)
 
 
 def _kernel_transform(w, t: Transforms):
@@ -117,7 +116,7 @@ def conv3x3(x, w):
     N, H, W, C = x.shape
     t = transforms_for(H, W)
     n = len(t.BT)
-    v = _input_transform(x, t).reshape(n * n, -1, C)
+    v = _input_transform(x, t)
     u = _kernel_transform(w, t).reshape(n * n, C, -1)
     products = jnp.matmul(v, u, preferred_element_type=jnp.float32)
     return _output_transform(products.reshape(n, n, N, H // t.m, W // t.m, -1), t).astype(x.dtype)
@@ -137,7 +136,7 @@ def kernel_grad3x3(x, dy):
     t = transforms_for(H, W)
     O = dy.shape[3]
     m, n = t.m, len(t.BT)
-    v = _input_transform(x, t).reshape(n * n, -1, C)
+    v = _input_transform(x, t)
     blocks = dy.reshape(N, H // m, m, W // m, m, O)
     A = _transpose(t.AT)
     rows = jnp.stack(_apply(A, [blocks[:, :, i] for i in range(m)]))              # [n (row), N, Ht, Wt, m, O]
