@@ -98,8 +98,47 @@ class TimeEmbedding(nn.Module):
         return emb
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) over the spatial axes and the channels of each group:
+    y = (x - mean) / sqrt(var + epsilon) * scale + bias, var = E[x^2] - mean^2 clipped at 0.
+
+    The parameters ("scale", "bias", [C]) and the values are ``flax.linen.GroupNorm``'s (statistics
+    in float32 or wider, output in ``dtype``); only the order of the sums differs. Each statistic
+    is a sum over the spatial axes per channel, [N, C], and then over the channels of each group,
+    [N, G]: XLA:CPU runs these two reductions, and those of the backward pass, through YNNPACK far
+    faster than flax's one reduction over the spatial axes and the channels of a group at once
+    (GroupNorm + SiLU forward and backward 1.8-4.6x faster on one core; docs/performance.md item 19).
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: num_groups={self.num_groups} does not divide the {channels} channels")
+        group_size = channels // self.num_groups
+        spatial_axes = tuple(range(1, x.ndim - 1))
+        count = group_size * math.prod(x.shape[1:-1])
+        stats = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+
+        def group_mean(values):
+            per_channel = values.sum(spatial_axes)                                       # [N, C]
+            per_group = per_channel.reshape(-1, self.num_groups, group_size).sum(-1) / count
+            return jnp.expand_dims(jnp.repeat(per_group, group_size, axis=-1), spatial_axes)
+
+        mean = group_mean(stats)
+        var = jnp.maximum(0.0, group_mean(stats * stats) - mean * mean)
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype or jnp.result_type(x, scale, bias))
+
+
 def group_norm(num_groups: int, dtype: Dtype, param_dtype: Dtype):
-    return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype)
+    return GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype)
 
 
 def conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, strides: int = 1, kernel_init=default_init):

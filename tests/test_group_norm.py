@@ -1,0 +1,93 @@
+"""``layers.GroupNorm`` is ``flax.linen.GroupNorm`` with its sums reordered: the same parameters, values
+and gradients, each group normalised to mean 0 and variance 1, and the same params after a few
+training steps of a ResBlock and an AttnBlock."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vdm.models import layers
+
+
+def _inputs(shape, key=0):
+    x = 3.0 * jax.random.normal(jax.random.PRNGKey(key), shape) + 1.5  # a mean far from 0, as E[x^2] - mean^2 meets it
+    channels = shape[-1]
+    params = {"params": {"scale": 1.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(key + 1), (channels,)),
+                         "bias": 0.3 * jax.random.normal(jax.random.PRNGKey(key + 2), (channels,))}}
+    return x, params
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 6, 4, 16), 4), ((3, 4, 4, 32), 32), ((2, 5, 12), 3), ((4, 8), 2)])
+def test_values_and_gradients_equal_flax(shape, groups):
+    x, params = _inputs(shape)
+    ours, ref = layers.GroupNorm(groups), nn.GroupNorm(groups, epsilon=1e-6)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, ref.init(jax.random.PRNGKey(0), x))
+    y, vjp = jax.vjp(ours.apply, params, x)
+    y_ref, vjp_ref = jax.vjp(ref.apply, params, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), y.shape)
+    for got, want in zip(jax.tree.leaves(vjp(cotangent)), jax.tree.leaves(vjp_ref(cotangent))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_each_group_has_mean_zero_and_unit_variance():
+    x, _ = _inputs((2, 5, 3, 12))
+    module = layers.GroupNorm(3, epsilon=0.0)
+    y = module.apply(module.init(jax.random.PRNGKey(0), x), x)  # scale 1, bias 0 at initialisation
+    groups = np.asarray(y, np.float64).reshape(2, 15, 3, 4).transpose(0, 2, 1, 3).reshape(2, 3, 60)
+    np.testing.assert_allclose(groups.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(groups.var(-1), 1.0, atol=1e-4)
+
+
+def test_bfloat16_output_float32_statistics():
+    x, params = _inputs((2, 4, 4, 8))
+    x = x.astype(jnp.bfloat16)
+    y = layers.GroupNorm(4, dtype=jnp.bfloat16).apply(params, x)
+    y_ref = nn.GroupNorm(4, epsilon=1e-6, dtype=jnp.bfloat16).apply(params, x)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_groups_must_divide_the_channels():
+    with pytest.raises(ValueError, match="num_groups=3 does not divide the 8 channels"):
+        layers.GroupNorm(3).init(jax.random.PRNGKey(0), jnp.ones((1, 2, 2, 8)))
+
+
+class _Blocks(nn.Module):
+    @nn.compact
+    def __call__(self, x, emb):
+        return layers.AttnBlock(num_groups=4)(layers.ResBlock(16, num_groups=4)(x, emb))
+
+
+def _train(params, xs, ys, emb):
+    """4 SGD steps in one jitted scan, traced afresh on each call (so it sees the patched layer)."""
+    net, opt = _Blocks(), optax.sgd(0.1, momentum=0.9)
+
+    def step(carry, batch):
+        params, state = carry
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((net.apply(p, batch[0], emb) - batch[1]) ** 2))(params)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), loss
+
+    (params, _), losses = jax.jit(lambda params: jax.lax.scan(step, (params, opt.init(params)), (xs, ys)))(params)
+    return params, losses
+
+
+def test_params_after_steps_equal_with_flax_group_norm(monkeypatch):
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    xs = jnp.broadcast_to(jax.random.normal(keys[0], (2, 6, 6, 8)), (4, 2, 6, 6, 8))
+    ys = jnp.broadcast_to(jax.random.normal(keys[1], (2, 6, 6, 16)), (4, 2, 6, 6, 16))
+    emb = jax.random.normal(keys[2], (2, 32))
+    params = _Blocks().init(jax.random.PRNGKey(4), xs[0], emb)
+    ours, losses = _train(params, xs, ys, emb)
+    flax_layers = []
+    monkeypatch.setattr(layers, "GroupNorm", lambda **kw: flax_layers.append(nn.GroupNorm(**kw)) or flax_layers[-1])
+    ref, ref_losses = _train(params, xs, ys, emb)
+    assert len(flax_layers) == 3  # the patch reached the ResBlock's two GroupNorms and the AttnBlock's
+    assert losses[-1] < losses[0]  # the steps train
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    moved = jax.tree.map(lambda a, p: np.abs(np.asarray(a) - np.asarray(p)).max(), ours, params)
+    assert min(jax.tree.leaves(moved)) > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, ref)
