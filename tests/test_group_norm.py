@@ -57,6 +57,10 @@ def test_groups_must_divide_the_channels():
 
 def test_params_after_steps_equal_with_flax_group_norm(monkeypatch):
     flax_layers = []
-    flax_group_norm = lambda **kw: flax_layers.append(nn.GroupNorm(**kw)) or flax_layers[-1]  # noqa: E731
+
+    def flax_group_norm(**kwargs):
+        flax_layers.append(nn.GroupNorm(**kwargs))
+        return flax_layers[-1]
+
     assert_params_after_steps_unchanged(lambda: monkeypatch.setattr(layers, "GroupNorm", flax_group_norm))
     assert len(flax_layers) == 3  # the reference run met the ResBlock's two GroupNorms and the AttnBlock's
